@@ -1,0 +1,93 @@
+"""Typed configuration: dataclass defaults, then Python config files, then --key=value flags.
+
+    python train.py config/small.py --batch_size=32 --compile=False
+
+A config file is plain Python that only assigns names; it runs in its own namespace (runpy), never in
+the script's globals. Config files are trusted code: run only files you would run as a script.
+Every public name a file assigns, and every flag, must be a field of the dataclass, and its value must
+have the field's type (an int may stand for a float; a bool is never an int). Mistakes raise UserError
+with one line that says what is wrong and how to fix it.
+"""
+
+import ast
+import dataclasses
+import difflib
+import runpy
+import types
+import typing
+from pathlib import Path
+
+
+class UserError(Exception):
+    """An expected mistake by the user: the scripts print its message as one line and exit non-zero."""
+
+
+def load_config(cls, argv):
+    """Build a cls instance from defaults, then config files, then --key=value flags, in argv order."""
+    cfg = cls()
+    hints = typing.get_type_hints(cls)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise UserError(f"flag {arg!r} has no value: write --{key}=VALUE")
+            value = _parse(text)
+            if key in hints and str in _allowed(hints[key]) and type(value) not in _allowed(hints[key]):
+                value = text  # --start=1 for a str field means the string "1"
+            _set(cfg, hints, key, value, f"flag {arg!r}")
+        else:
+            path = Path(arg)
+            if not path.is_file():
+                raise UserError(f"config file {arg} does not exist: check the path (config files live in config/)")
+            for key, value in runpy.run_path(str(path)).items():
+                if key.startswith("_") or isinstance(value, types.ModuleType):
+                    continue  # private helpers and imported modules are not settings
+                _set(cfg, hints, key, value, f"config file {arg}")
+    return cfg
+
+
+def _parse(text):
+    """'3' -> 3, '1e-3' -> 0.001, 'True' -> True, 'None' -> None; anything else stays a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _set(cfg, hints, key, value, where):
+    if key not in hints:
+        close = difflib.get_close_matches(key, hints, n=1)
+        hint = f": did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(hints))}"
+        raise UserError(f"unknown config key {key!r} in {where}{hint}")
+    setattr(cfg, key, check_type(key, value, hints[key], where))
+
+
+def check_type(key, value, typ, where="config"):
+    """Return value converted to typ (only int -> float widening), or raise UserError."""
+    allowed = _allowed(typ)
+    for t in allowed:
+        if t is type(None) and value is None:
+            return None
+        if t is float and type(value) is int:
+            return float(value)
+        if t is not type(None) and type(value) is t:
+            return value
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    hint = " (strings on the command line need no quotes, but numbers are read as numbers)" if str in allowed else ""
+    raise UserError(f"{key}={value!r} in {where} has type {type(value).__name__}, expected {names}{hint}")
+
+
+def _allowed(typ):
+    """The types a field accepts: (int,) for int, (int, str) for int | str."""
+    union = isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union
+    return typing.get_args(typ) if union else (typ,)
+
+
+def config_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def print_config(cfg, title):
+    print(f"{title}:")
+    for key, value in dataclasses.asdict(cfg).items():
+        print(f"  {key} = {value!r}")

@@ -1,0 +1,1 @@
+"""Dataset preparation scripts: text -> data/<name>/{train.bin, val.bin, meta.json}."""

@@ -1,0 +1,69 @@
+"""The config loader: defaults < files < flags, types, and the errors for mistakes."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from configurator import UserError, load_config
+
+
+@dataclass
+class Cfg:
+    name: str = "x"
+    lr: float = 1e-3
+    steps: int = 10
+    flag: bool = False
+    top_k: int | None = 5
+    compile: bool | str = "auto"
+
+
+def write(tmp_path, text, name="c.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_precedence_defaults_files_flags(tmp_path):
+    a = write(tmp_path, "steps = 20\nlr = 1\nname = 'a'\n", "a.py")
+    b = write(tmp_path, "import math\n_helper = 3\nsteps = 30 * _helper\n", "b.py")
+    cfg = load_config(Cfg, [a, b, "--name=run-1", "--flag=True"])
+    assert (cfg.steps, cfg.lr, cfg.name, cfg.flag) == (90, 1.0, "run-1", True)  # int 1 widened to float
+    assert type(cfg.lr) is float
+    assert load_config(Cfg, []) == Cfg()
+
+
+def test_flag_values_are_parsed_by_type():
+    cfg = load_config(Cfg, ["--lr=3e-4", "--top_k=None", "--compile=False", "--name=123"])
+    assert cfg.lr == 3e-4 and cfg.top_k is None and cfg.compile is False
+    assert cfg.name == "123"  # a str field keeps the text
+    assert load_config(Cfg, ["--compile=max-autotune"]).compile == "max-autotune"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stpes=3"], "unknown config key 'stpes' in flag '--stpes=3': did you mean 'steps'?"),
+    (["--zzz=3"], "unknown config key 'zzz'"),
+    (["--steps"], "has no value"),
+    (["--steps=2.5"], "steps=2.5 in flag '--steps=2.5' has type float, expected int"),
+    (["--steps=True"], "expected int"),  # a bool is not an int
+    (["--flag=1"], "expected bool"),
+    (["--top_k=high"], "expected int or None"),
+])
+def test_flag_errors(argv, message):
+    with pytest.raises(UserError, match=message.replace("?", r"\?").replace("(", r"\(")):
+        load_config(Cfg, argv)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(UserError, match="did you mean 'steps'"):
+        load_config(Cfg, [write(tmp_path, "step = 3\n")])
+    with pytest.raises(UserError, match="lr='fast' in config file .* expected float"):
+        load_config(Cfg, [write(tmp_path, "lr = 'fast'\n")])
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(Cfg, [str(tmp_path / "missing.py")])
+
+
+def test_shipped_config_files_load():
+    import train
+    from conftest import REPO
+    for path in sorted((REPO / "config").glob("*.py")):
+        load_config(train.TrainConfig, [str(path)])

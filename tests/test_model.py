@@ -1,0 +1,455 @@
+"""Tests for model.py on tiny float32 models: shapes and loss, causality, the two attention paths agreeing,
+the KV cache matching a full forward, sampling, GPT-2 init, parameter and FLOP counts, crop_block_size,
+Hugging Face GPT-2 import/export, and read_checkpoint's errors."""
+
+import copy
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import CKPT_FORMAT_VERSION, GPT, GPTConfig, KVCache, read_checkpoint, sample_next
+
+V = 64  # vocabulary of the tiny models
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=V, dropout=0.0)
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **overrides}))
+    return model.eval()
+
+
+def twin(model, **overrides):
+    """A model with the same weights and a different config (e.g. the other attention path)."""
+    other = GPT(GPTConfig(**{**vars(model.config), **overrides}))
+    other.load_state_dict(model.state_dict())
+    return other.train(model.training)
+
+
+def perturb(model, seed=1, std=0.5):
+    """Replace the near-zero init (c_proj std ~0.007, zero biases) with larger random weights so that
+    the attention and MLP paths clearly matter and a wrong mask or position could not hide in noise."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std / math.sqrt(max(p.shape[-1], 1)) + p)
+    return model
+
+
+def rand_ids(B, T, seed=0, vocab=V):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- 1. shapes and loss -----------------------------------------------------------------------------
+
+def test_shapes_and_initial_loss():
+    model = make_model()
+    idx, targets = rand_ids(3, 16), rand_ids(3, 16, seed=1)
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, V)
+    assert logits.dtype == torch.float32
+    assert loss.ndim == 0
+    assert abs(loss.item() - math.log(V)) < 0.3  # near-uniform predictions at init
+    assert model(idx)[1] is None
+
+
+def test_targets_of_minus_one_are_ignored():
+    model = perturb(make_model())
+    idx, targets = rand_ids(2, 16), rand_ids(2, 16, seed=1)
+    masked = targets.clone()
+    keep = torch.rand(2, 16, generator=torch.Generator().manual_seed(2)) < 0.5
+    masked[~keep] = -1
+    logits, loss = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    full = model(idx, targets)[1]
+    assert not torch.allclose(loss, full)  # the masked positions really were left out
+
+
+def test_sequence_longer_than_block_size_raises():
+    model = make_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model(rand_ids(1, 17))
+
+
+# ---- 2. causality -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+def test_causality(attn_impl):
+    model = perturb(make_model(attn_impl=attn_impl))
+    idx = rand_ids(2, 16)
+    base = model(idx)[0]
+    for t in (0, 5, 15):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % V
+        out = model(changed)[0]
+        torch.testing.assert_close(out[:, :t], base[:, :t], atol=0, rtol=0)  # the past never sees the future
+        diff = (out[:, t:] - base[:, t:]).abs().amax(dim=-1)  # (B, T - t)
+        assert (diff > 1e-4).all(), f"changing token {t} left some later position unchanged"
+
+
+# ---- 3. the two attention paths agree ---------------------------------------------------------------
+
+def test_math_and_sdpa_agree_on_logits_loss_and_grads():
+    sdpa = perturb(make_model(attn_impl="sdpa")).train()
+    math_ = twin(sdpa, attn_impl="math")
+    idx, targets = rand_ids(2, 16), rand_ids(2, 16, seed=1)
+    out = {}
+    for name, m in (("sdpa", sdpa), ("math", math_)):
+        logits, loss = m(idx, targets)
+        loss.backward()
+        out[name] = logits, loss, {n: p.grad.clone() for n, p in m.named_parameters()}
+    torch.testing.assert_close(out["math"][0], out["sdpa"][0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out["math"][1], out["sdpa"][1], atol=ATOL, rtol=RTOL)
+    assert out["math"][2].keys() == out["sdpa"][2].keys()
+    for n, g in out["sdpa"][2].items():
+        assert g.abs().sum() > 0, f"{n} got no gradient"
+        torch.testing.assert_close(out["math"][2][n], g, atol=ATOL, rtol=RTOL, msg=lambda m: f"{n}: {m}")
+
+
+def test_math_and_sdpa_agree_with_dropout_in_eval_mode():
+    sdpa = perturb(make_model(attn_impl="sdpa", dropout=0.3))
+    math_ = twin(sdpa, attn_impl="math")
+    idx = rand_ids(2, 16)
+    torch.testing.assert_close(math_(idx)[0], sdpa(idx)[0], atol=ATOL, rtol=RTOL)
+    sdpa.train()  # and dropout really is active in training mode, so eval mode is what made them agree
+    torch.manual_seed(0)
+    assert not torch.allclose(sdpa(idx)[0], math_(idx)[0], atol=1e-3)
+
+
+# ---- 4. KV cache ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+@pytest.mark.parametrize("prompt_len,new", [(5, 8), (6, 20), (16, 3)])  # within, past and at block_size (16)
+def test_greedy_generation_with_and_without_cache(attn_impl, prompt_len, new):
+    model = perturb(make_model(attn_impl=attn_impl))
+    prompt = rand_ids(2, prompt_len)
+    with_cache = model.generate(prompt, new, temperature=0, use_cache=True)
+    without = model.generate(prompt, new, temperature=0, use_cache=False)
+    assert with_cache.shape == (2, prompt_len + new)
+    assert torch.equal(with_cache[:, :prompt_len], prompt)
+    assert torch.equal(with_cache, without)
+    assert not torch.equal(with_cache[0, prompt_len:], with_cache[1, prompt_len:])  # the batch rows differ
+
+
+def test_generate_restores_training_mode():
+    model = make_model().train()
+    model.generate(rand_ids(1, 3), 2, temperature=0)
+    assert model.training
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+def test_cached_prefill_then_single_steps_match_full_forward(attn_impl):
+    model = perturb(make_model(attn_impl=attn_impl))
+    idx = rand_ids(2, 16)
+    full = model(idx)[0]
+    k = 5
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    pre = model(idx[:, :k], kv_cache=cache)[0]
+    assert cache.pos == k
+    torch.testing.assert_close(pre, full[:, :k], atol=ATOL, rtol=RTOL)
+    for t in range(k, 16):
+        step = model(idx[:, t:t + 1], kv_cache=cache)[0]
+        assert step.shape == (2, 1, V)
+        torch.testing.assert_close(step[:, 0], full[:, t], atol=ATOL, rtol=RTOL)
+    assert cache.pos == 16
+    with pytest.raises(ValueError, match="block_size"):  # the cache is full
+        model(idx[:, :1], kv_cache=cache)
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+def test_cached_multi_token_chunk_matches_full_forward(attn_impl):
+    model = perturb(make_model(attn_impl=attn_impl))
+    idx = rand_ids(2, 16)
+    full = model(idx)[0]
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    chunks = [(0, 4), (4, 5), (5, 11), (11, 16)]  # prefill, one step, then chunks with T > 1 and past > 0
+    for a, b in chunks:
+        out = model(idx[:, a:b], kv_cache=cache)[0]
+        torch.testing.assert_close(out, full[:, a:b], atol=ATOL, rtol=RTOL)
+    assert cache.pos == 16
+
+
+# ---- 5. sampling ------------------------------------------------------------------------------------
+
+def test_top_k_1_and_tiny_top_p_equal_greedy():
+    model = perturb(make_model())
+    prompt = rand_ids(2, 4)
+    greedy = model.generate(prompt, 10, temperature=0)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(prompt, 10, temperature=1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(model.generate(prompt, 10, temperature=1.0, top_p=1e-6, generator=g), greedy)
+    assert torch.equal(model.generate(prompt, 10, temperature=2.0, top_k=1, top_p=0.5, generator=g), greedy)
+
+
+def test_sample_next_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)  # probs ~ .64 .23 .09 .03 .01
+    g = torch.Generator().manual_seed(0)
+    top2 = sample_next(logits, 1.0, top_k=2, generator=g)
+    assert set(top2.unique().tolist()) == {0, 1}
+    top_p = sample_next(logits, 1.0, top_p=0.8, generator=g)  # .64 < .8, .64 + .23 >= .8: keeps two
+    assert set(top_p.unique().tolist()) == {0, 1}
+    unfiltered = sample_next(logits, 1.0, generator=g)
+    assert len(unfiltered.unique()) >= 4
+    assert torch.equal(sample_next(logits[:3], 0), torch.zeros(3, 1, dtype=torch.long))
+    cold = sample_next(logits, 0.05, generator=g)  # temperature sharpens: the runner-up has p ~ e^-20
+    assert (cold == 0).all()
+    hot = sample_next(logits, 100.0, generator=g)  # and flattens: near-uniform over the 5 tokens
+    assert abs((hot == 4).float().mean().item() - 0.2) < 0.05
+
+
+def test_same_generator_seed_same_samples():
+    model = perturb(make_model())
+    prompt = rand_ids(2, 4)
+
+    def sample(seed):
+        return model.generate(prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = sample(123), sample(123), sample(7)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # the seed really drives the samples
+
+
+def test_unfiltered_sampling_returns_valid_ids():
+    model = make_model()
+    out = model.generate(rand_ids(4, 2), 30, temperature=1.5, top_k=None,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.long
+    assert out.min() >= 0 and out.max() < V
+    assert len(out[:, 2:].unique()) > 10  # near-uniform at init: many different tokens
+
+
+# ---- 6. GPT-2 init ----------------------------------------------------------------------------------
+
+def test_gpt2_init():
+    torch.manual_seed(0)
+    n_layer = 4
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=4, n_embd=256, block_size=16, vocab_size=V))
+    expected = 0.02 / math.sqrt(2 * n_layer)  # 0.0071
+    proj = [(n, p) for n, p in model.named_parameters() if n.endswith("c_proj.weight")]
+    assert len(proj) == 2 * n_layer
+    for n, p in proj:
+        assert abs(p.std().item() - expected) < 0.05 * expected, n
+    fc = model.transformer.h[0].mlp.c_fc.weight
+    assert abs(fc.std().item() - 0.02) < 0.001
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all((p == 0).all() for n, p in model.named_parameters() if n.endswith(".bias") and "ln" not in n)
+
+
+def test_no_bias_builds_and_runs():
+    model = make_model(bias=False)
+    assert not [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)):
+            assert m.bias is None
+    idx = rand_ids(2, 8)
+    logits, loss = model(idx, idx)
+    loss.backward()
+    assert logits.shape == (2, 8, V) and torch.isfinite(loss)
+    assert torch.equal(model.generate(idx, 3, temperature=0), model.generate(idx, 3, temperature=0, use_cache=False))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="attn_impl"):
+        GPTConfig(attn_impl="flash")
+
+
+# ---- 7. parameter and FLOP counts -------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_num_params_and_flops(bias):
+    model = make_model(bias=bias)
+    c = model.config
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    wpe = c.block_size * c.n_embd
+    assert model.num_params() == total - wpe
+    assert model.num_params(non_embedding=False) == total
+    # hand count: wte + per block (ln_1, c_attn, c_proj, ln_2, c_fc, c_proj) + ln_f; lm_head is tied
+    C, b = c.n_embd, int(bias)
+    block = 2 * (C + b * C) + (3 * C * C + b * 3 * C) + (C * C + b * C) + (4 * C * C + b * 4 * C) + (4 * C * C + b * C)
+    assert model.num_params() == V * C + c.n_layer * block + (C + b * C)
+    for T in (1, 8, 16):
+        assert model.flops_per_token(T) == 6 * model.num_params() + 12 * c.n_layer * T * c.n_embd
+    assert model.flops_per_token() == model.flops_per_token(c.block_size)
+
+
+# ---- 8. crop_block_size -----------------------------------------------------------------------------
+
+def test_crop_block_size():
+    model = perturb(make_model())
+    idx = rand_ids(2, 8)
+    before = model(idx)[0]
+    n_before = model.num_params(non_embedding=False)
+    model.crop_block_size(8)
+    assert model.config.block_size == 8
+    assert model.transformer.wpe.weight.shape == (8, 32)
+    assert model.num_params(non_embedding=False) == n_before - 8 * 32
+    torch.testing.assert_close(model(idx)[0], before, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="block_size"):
+        model(rand_ids(2, 9))
+    # generation respects the cropped window, with and without the cache
+    out = model.generate(rand_ids(2, 6), 6, temperature=0)
+    assert torch.equal(out, model.generate(rand_ids(2, 6), 6, temperature=0, use_cache=False))
+
+
+# ---- 9. Hugging Face GPT-2 import and export --------------------------------------------------------
+
+@pytest.fixture
+def hf_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=100)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # HF init leaves biases and LayerNorms at 0 and 1: make every tensor matter
+        for p in hf.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return hf
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def test_from_pretrained_safetensors(hf_gpt2, tmp_path):
+    hf_gpt2.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    model = GPT.from_pretrained(tmp_path).eval()
+    assert (model.config.block_size, model.config.vocab_size, model.config.n_layer) == (32, 100, 2)
+    idx = rand_ids(2, 32, vocab=100)
+    with torch.no_grad():
+        ours = model(idx)[0]
+    torch.testing.assert_close(ours, hf_logits(hf_gpt2, idx), atol=1e-5, rtol=0)
+    # overrides change non-shape fields
+    assert GPT.from_pretrained(tmp_path, attn_impl="math").config.attn_impl == "math"
+
+
+@pytest.mark.parametrize("names", ["GPT2LMHeadModel", "GPT2Model"])  # with and without the "transformer." prefix
+def test_from_pretrained_pytorch_bin(hf_gpt2, tmp_path, names):
+    try:
+        hf_gpt2.save_pretrained(tmp_path, safe_serialization=False)  # transformers 5 ignores the flag
+    except TypeError:  # a transformers that dropped the option
+        hf_gpt2.config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink(missing_ok=True)
+    sd = hf_gpt2.state_dict() if names == "GPT2LMHeadModel" else hf_gpt2.transformer.state_dict()
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    model = GPT.from_pretrained(tmp_path).eval()
+    idx = rand_ids(2, 20, vocab=100)
+    with torch.no_grad():
+        ours = model(idx)[0]
+    torch.testing.assert_close(ours, hf_logits(hf_gpt2, idx), atol=1e-5, rtol=0)
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = perturb(make_model(vocab_size=100, block_size=32))
+    model.save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = rand_ids(2, 32, vocab=100)
+    with torch.no_grad():
+        ours = model(idx)[0]
+    torch.testing.assert_close(hf_logits(hf, idx), ours, atol=1e-5, rtol=0)
+    # and the round trip through our own loader is exact
+    again = GPT.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(idx)[0], ours)
+
+
+def test_save_pretrained_refuses_no_bias(tmp_path):
+    with pytest.raises(ValueError, match="bias"):
+        make_model(bias=False).save_pretrained(tmp_path)
+
+
+def _edit_safetensors(path, edit):
+    from safetensors.torch import load_file, save_file
+    f = path / "model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def test_from_pretrained_missing_tensor(hf_gpt2, tmp_path):
+    hf_gpt2.save_pretrained(tmp_path)
+    _edit_safetensors(tmp_path, lambda t: t.pop("transformer.h.1.mlp.c_fc.weight"))
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.weight is missing"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_misshaped_tensor(hf_gpt2, tmp_path):
+    hf_gpt2.save_pretrained(tmp_path)
+
+    def shrink(t):
+        t["transformer.h.0.attn.c_proj.bias"] = t["transformer.h.0.attn.c_proj.bias"][:16].clone()
+
+    _edit_safetensors(tmp_path, shrink)
+    with pytest.raises(ValueError, match=r"h\.0\.attn\.c_proj\.bias has shape \(16,\), expected \(32,\)"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_needs_config_and_weights(hf_gpt2, tmp_path):
+    hf_gpt2.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json"):
+        GPT.from_pretrained(tmp_path)
+    hf_gpt2.config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="model.safetensors or pytorch_model.bin"):
+        GPT.from_pretrained(tmp_path)
+
+
+# ---- 10. read_checkpoint ----------------------------------------------------------------------------
+
+def _checkpoint(model):
+    return {"format_version": CKPT_FORMAT_VERSION, "model_config": model.config_dict(), "model": model.state_dict(),
+            "iter_num": 3, "best_val_loss": 1.5}
+
+
+def test_read_checkpoint_roundtrip(tmp_path):
+    model = perturb(make_model())
+    torch.save(_checkpoint(model), tmp_path / "ckpt.pt")
+    ckpt = read_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["iter_num"] == 3
+    again = GPT.from_checkpoint(ckpt).eval()
+    idx = rand_ids(1, 8)
+    assert torch.equal(again(idx)[0], model(idx)[0])
+
+
+def test_read_checkpoint_missing(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.pt")
+
+
+def test_read_checkpoint_truncated(tmp_path):
+    f = tmp_path / "ckpt.pt"
+    torch.save(_checkpoint(make_model()), f)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        read_checkpoint(f)
+
+
+def test_read_checkpoint_random_bytes(tmp_path):
+    f = tmp_path / "ckpt.pt"
+    f.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()))
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        read_checkpoint(f)
+
+
+def test_read_checkpoint_wrong_format(tmp_path):
+    f = tmp_path / "ckpt.pt"
+    ckpt = _checkpoint(make_model())
+    del ckpt["format_version"]
+    torch.save(ckpt, f)
+    with pytest.raises(ValueError, match="not a sologpt checkpoint"):
+        read_checkpoint(f)
+    torch.save([1, 2, 3], f)
+    with pytest.raises(ValueError, match="not a sologpt checkpoint"):
+        read_checkpoint(f)

@@ -1,0 +1,245 @@
+"""train.py on tiny CPU runs: batches, learning rate, learning, gradient accumulation, exact resume,
+interrupts, atomic checkpoints, and the one-line errors for bad input."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train as train_mod
+from configurator import load_config
+from conftest import REPO
+from model import GPT, read_checkpoint
+from train import TrainConfig, get_batch, get_lr, save_checkpoint
+
+
+def run(flags):
+    return train_mod.train(load_config(TrainConfig, flags))
+
+
+def metrics(out_dir):
+    """iter -> metrics line; a resumed run evaluates its first step again, with the same numbers."""
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return {m["iter"]: m for m in map(json.loads, lines)}
+
+
+def weights(out_dir):
+    return read_checkpoint(out_dir / "ckpt.pt")["model"]
+
+
+def run_main_error(argv, capsys):
+    """Run train.main, expect exit 1 and return the single stderr line."""
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(argv)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+# ---- batches and schedule ---------------------------------------------------------------------------------
+
+def test_batch_windows_are_shifted_by_one():
+    data = np.arange(1000, dtype=np.uint16)
+    x, y = get_batch(data, 4, 16, torch.Generator().manual_seed(0), "cpu")
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.long
+    assert torch.equal(y[:, :-1], x[:, 1:])  # y is x moved one token ahead
+    assert torch.equal(y[:, -1], x[:, -1] + 1)
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(4, 15, dtype=torch.long))  # contiguous windows
+    # the last window may end exactly at the last token, never past it
+    x, y = get_batch(np.arange(17, dtype=np.uint16), 8, 16, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(x[0], torch.arange(16)) and int(y.max()) == 16
+
+
+def test_lr_warmup_then_cosine_to_min():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+    lrs = [get_lr(i, cfg) for i in range(130)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # rises during warmup
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)  # halfway down the cosine
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # then only falls
+    assert lrs[110] == lrs[129] == 0.1
+    cfg.decay_lr = False
+    assert get_lr(100, cfg) == 1.0
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+
+def test_short_run_lowers_loss_and_writes_outputs(tiny_flags, tmp_path):
+    run(tiny_flags + ["--max_iters=40", "--eval_interval=20", "--sample_tokens=20"])
+    out = tmp_path / "out"
+    m = metrics(out)
+    assert sorted(m) == [0, 20, 40]
+    assert m[40]["val_loss"] < m[0]["val_loss"] - 0.5  # learned something: starts near ln(65) = 4.17
+    assert m[40]["val_ppl"] == pytest.approx(math.exp(m[40]["val_loss"]))
+    for key in ("iter", "train_loss", "val_loss", "lr", "time_s"):
+        assert key in m[40]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["device"] == "cpu" and saved["dtype"] == "float32" and saved["compile"] is False  # resolved
+    assert json.loads((out / "meta.json").read_text())["tokenizer"] == "char"
+    ckpt = read_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == 40 and ckpt["train_config"]["max_iters"] == 40
+    assert set(ckpt["rng"]) == {"torch", "cuda", "batches"}
+
+
+def test_gradient_accumulation_matches_bigger_batch(tiny_flags, tmp_path):
+    common = tiny_flags + ["--max_iters=3", "--eval_interval=100"]
+    run(common + ["--batch_size=8", "--gradient_accumulation_steps=1", f"--out_dir={tmp_path / 'a'}"])
+    run(common + ["--batch_size=4", "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'b'}"])
+    run(common + ["--batch_size=4", "--gradient_accumulation_steps=1", f"--out_dir={tmp_path / 'c'}"])
+    a, b, c = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "c")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+    assert any(not torch.allclose(a[k], c[k]) for k in a)  # half the batch without accumulation differs
+
+
+def test_exact_resume_is_bit_for_bit(tiny_flags, tmp_path):
+    # dropout on, so the resumed run also needs the saved RNG state to draw the same masks
+    common = tiny_flags + ["--dropout=0.1", "--eval_interval=2", "--lr_decay_iters=10"]
+    run(common + ["--max_iters=10", f"--out_dir={tmp_path / 'full'}"])
+    run(common + ["--max_iters=4", f"--out_dir={tmp_path / 'split'}"])
+    run(common + ["--max_iters=10", f"--out_dir={tmp_path / 'split'}", "--init_from=resume"])
+    full, split = metrics(tmp_path / "full"), metrics(tmp_path / "split")
+    for it in (4, 6, 8, 10):
+        assert split[it]["train_loss"] == full[it]["train_loss"]
+        assert split[it]["val_loss"] == full[it]["val_loss"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_signal_mid_run_saves_and_resumes_exactly(tiny_flags, tmp_path, monkeypatch, capsys):
+    common = tiny_flags + ["--dropout=0.1", "--eval_interval=4", "--max_iters=9"]
+    run(common + [f"--out_dir={tmp_path / 'full'}"])
+
+    real_get_lr = train_mod.get_lr
+
+    def get_lr_then_interrupt(it, cfg):  # Ctrl-C arrives while step 5 runs
+        if it == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_lr(it, cfg)
+
+    monkeypatch.setattr(train_mod, "get_lr", get_lr_then_interrupt)
+    with pytest.raises(SystemExit) as exc:
+        run(common + [f"--out_dir={tmp_path / 'split'}"])
+    assert exc.value.code == 128 + signal.SIGINT
+    assert "--init_from=resume" in capsys.readouterr().out
+    assert read_checkpoint(tmp_path / "split" / "ckpt.pt")["iter_num"] == 6  # the step finished, then saved
+    monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    run(common + [f"--out_dir={tmp_path / 'split'}", "--init_from=resume"])
+    full, split = metrics(tmp_path / "full"), metrics(tmp_path / "split")
+    assert split[8]["val_loss"] == full[8]["val_loss"] and split[9]["val_loss"] == full[9]["val_loss"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigint_subprocess_exits_cleanly_with_resume_hint(tiny_flags, tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_flags, "--max_iters=100000", "--eval_interval=1000"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training steps are running
+        if line.startswith("step"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "SIGINT: saved" in out and "--init_from=resume" in out
+    assert read_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] >= 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_flags, tmp_path, monkeypatch, capsys):
+    run(tiny_flags + ["--max_iters=5"])
+    good = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    real_forward = GPT.forward
+
+    def nan_forward(self, idx, targets=None, kv_cache=None):
+        logits, loss = real_forward(self, idx, targets, kv_cache)
+        return logits, (loss * float("nan") if self.training and loss is not None else loss)
+
+    monkeypatch.setattr(GPT, "forward", nan_forward)
+    err = run_main_error(tiny_flags + ["--max_iters=10", "--init_from=resume"], capsys)
+    assert "loss is nan at step 6" in err and "diverged" in err
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == good
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"format_version": 1, "x": torch.ones(3)})
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(Exception, match="No space left"):
+        save_checkpoint(path, {"format_version": 1, "x": torch.zeros(3)})
+    monkeypatch.undo()
+    assert torch.equal(read_checkpoint(path)["x"], torch.ones(3))
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+# ---- bad input: one line, exit 1, nothing overwritten --------------------------------------------------------
+
+def test_unknown_key_and_wrong_type(capsys, tmp_path):
+    assert "did you mean 'n_layer'" in run_main_error(["--n_layr=4"], capsys)
+    assert "expected int" in run_main_error(["--batch_size=1.5"], capsys)
+    assert "expected bool" in run_main_error(["--progress=1"], capsys)
+    assert "use True, False or 'auto'" in run_main_error(["--compile=1"], capsys)
+    cfg_file = tmp_path / "bad.py"
+    cfg_file.write_text("learning_rate = 1e-3\nmax_itres = 10\n")
+    err = run_main_error([str(cfg_file)], capsys)
+    assert "max_itres" in err and "did you mean 'max_iters'" in err
+    assert "does not exist" in run_main_error([str(tmp_path / "missing.py")], capsys)
+
+
+def test_missing_dataset_names_the_prepare_script(tmp_path, capsys):
+    (tmp_path / "shakespeare_char").mkdir()
+    (tmp_path / "shakespeare_char" / "train.bin").write_bytes(b"\0\0" * 100)
+    err = run_main_error([f"--data_root={tmp_path}", f"--out_dir={tmp_path / 'o'}"], capsys)
+    assert "val.bin is missing" in err and "python prepare/shakespeare_char.py" in err
+    err = run_main_error([f"--data_root={tmp_path}", "--dataset=nothing_here"], capsys)
+    assert "nothing_here/train.bin is missing" in err
+
+
+def make_dataset(root, name, ids, vocab_size):
+    d = root / name
+    d.mkdir(parents=True)
+    np.asarray(ids, dtype=np.uint16).tofile(d / "train.bin")
+    np.asarray(ids, dtype=np.uint16).tofile(d / "val.bin")
+    chars = "".join(chr(65 + i) for i in range(vocab_size))
+    (d / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": vocab_size, "chars": chars,
+                                             "dtype": "uint16"}))
+
+
+def test_dataset_too_short_and_token_beyond_vocab(tmp_path, capsys):
+    make_dataset(tmp_path, "short", list(range(10)) * 3, 10)
+    err = run_main_error([f"--data_root={tmp_path}", "--dataset=short", "--block_size=64"], capsys)
+    assert "fewer than block_size + 1 = 65" in err
+    make_dataset(tmp_path, "badvocab", [0, 1, 2, 12] * 50, 10)
+    err = run_main_error([f"--data_root={tmp_path}", "--dataset=badvocab", "--block_size=8"], capsys)
+    assert "token id 12" in err and "vocab_size=10" in err
+
+
+def test_resume_with_other_shape_is_refused(tiny_flags, tmp_path, capsys):
+    run(tiny_flags + ["--max_iters=2"])
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    err = run_main_error(tiny_flags + ["--init_from=resume", "--n_layer=3"], capsys)
+    assert "n_layer=2" in err and "n_layer=3" in err
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_corrupt_checkpoint_and_no_overwrite(tiny_flags, tmp_path, capsys):
+    run(tiny_flags + ["--max_iters=2"])
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    assert "already exists" in run_main_error(tiny_flags + ["--max_iters=2"], capsys)  # a new run would clobber it
+    assert ckpt.read_bytes() == before
+    ckpt.write_bytes(before[: len(before) // 2])
+    assert "corrupt or truncated" in run_main_error(tiny_flags + ["--init_from=resume"], capsys)

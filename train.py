@@ -1,0 +1,502 @@
+"""Train a GPT on a memmapped token dataset, on one GPU or the CPU.
+
+    python train.py config/small.py                     # CPU quick start (tiny-shakespeare, characters)
+    python train.py config/small.py --max_iters=500     # any field below can be set as --key=value
+    python train.py config/small.py --init_from=resume  # continue from out_dir/ckpt.pt, exactly
+
+Read top to bottom: the config, small helpers (batches, learning rate, evaluation, checkpoints), then train().
+"""
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from configurator import UserError, load_config, print_config
+from model import CKPT_FORMAT_VERSION, GPT, GPTConfig, read_checkpoint
+import tokenizer as tok
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class TrainConfig:
+    # ---- output and start point
+    out_dir: str = "out"  # ckpt.pt, config.json, meta.json and metrics.jsonl are written here
+    init_from: str = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt) or a Hugging Face GPT-2 directory
+    overwrite: bool = False  # let a new run replace an existing out_dir/ckpt.pt (else that is an error)
+    always_save_checkpoint: bool = True  # save at every evaluation; False saves only when val loss improves
+    # ---- data
+    dataset: str = "shakespeare_char"  # folder under data_root with train.bin, val.bin and meta.json
+    data_root: str = "data"
+    data_input: str = ""  # local text file used when the dataset must be prepared first (for offline machines)
+    batch_size: int = 12  # sequences per micro-batch
+    block_size: int = 1024  # tokens per sequence (the model's context length)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    # ---- model (ignored when init_from is a GPT-2 directory, whose config.json fixes the shape)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (the explicit formula)
+    # ---- optimizer: AdamW, decoupled weight decay on matrices only
+    learning_rate: float = 6e-4  # peak learning rate
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+    # ---- schedule: linear warmup, then cosine decay to min_lr
+    max_iters: int = 5000  # optimizer steps
+    decay_lr: bool = True  # False keeps learning_rate constant after warmup
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # step where the cosine reaches min_lr; 0 means max_iters
+    min_lr: float = 6e-5  # about learning_rate / 10 (Chinchilla, Hoffmann et al. 2022)
+    # ---- evaluation and logging
+    eval_interval: int = 250  # evaluate (and checkpoint) every this many steps, and at the end
+    eval_iters: int = 50  # batches per split in one evaluation
+    log_interval: int = 10  # steps between log lines (each one waits for the GPU once)
+    progress: bool = True  # tqdm progress bar
+    sample_tokens: int = 200  # length of the sample printed at the end; 0 prints none
+    # ---- system
+    device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or e.g. "cuda:1"
+    dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it, else float16 with loss scaling; float32 on CPU
+    compile: bool | str = "auto"  # torch.compile the model; "auto" means on for CUDA, off elsewhere
+    seed: int = 1337  # one seed for model init, batches and dropout
+
+
+def resolve(cfg):
+    """Check values and fill in the derived ones ("auto" device, dtype, compile; lr_decay_iters)."""
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                "log_interval", "n_layer", "n_head", "n_embd"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{key}={getattr(cfg, key)} must not be negative")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise UserError(f"dropout={cfg.dropout} must be in [0, 1)")
+    if cfg.attn_impl not in ("sdpa", "math"):
+        raise UserError(f"attn_impl={cfg.attn_impl!r} is unknown: use 'sdpa' or 'math'")
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device_type = cfg.device.split(":")[0]
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device={cfg.device!r} is unknown: use auto, cpu, cuda, cuda:N or mps")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device='cuda' but this torch sees no CUDA GPU: use --device=cpu (or auto)")
+    if cfg.dtype == "auto":
+        if device_type == "cuda":
+            cfg.dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            cfg.dtype = "float32"
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"dtype={cfg.dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+    if cfg.compile == "auto":
+        cfg.compile = device_type == "cuda"
+    if not isinstance(cfg.compile, bool):
+        raise UserError(f"compile={cfg.compile!r} is unknown: use True, False or 'auto'")
+    if cfg.lr_decay_iters == 0:
+        cfg.lr_decay_iters = cfg.max_iters
+    return device_type
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+def load_dataset(cfg):
+    """Open train.bin / val.bin as memmaps and read meta.json, preparing the dataset first if it is absent."""
+    data_dir = Path(cfg.data_root) / cfg.dataset
+    files = [data_dir / name for name in ("train.bin", "val.bin", "meta.json")]
+    script = ROOT / "prepare" / f"{cfg.dataset}.py"
+    if not any(f.exists() for f in files) and script.is_file():
+        print(f"{data_dir} is not prepared yet: running prepare/{script.name}")
+        cmd = [sys.executable, str(script), "--data_root", cfg.data_root]
+        if cfg.data_input:
+            cmd += ["--input", cfg.data_input]
+        if subprocess.run(cmd).returncode != 0:
+            raise UserError(f"preparing {data_dir} failed (see above); offline, pass --data_input=path/to/input.txt")
+    hint = f"run python prepare/{script.name}" if script.is_file() else "prepare it first (README: 'Your own text')"
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{f} is missing: {hint}")
+    try:
+        meta = tok.load_meta(data_dir / "meta.json")
+    except tok.TokenizerError as e:
+        raise UserError(str(e))
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    splits = {}
+    for split in ("train", "val"):
+        path = data_dir / f"{split}.bin"
+        if path.stat().st_size % dtype.itemsize:
+            raise UserError(f"{path} is not a whole number of {dtype} tokens (truncated?): {hint} again")
+        splits[split] = np.memmap(path, dtype=dtype, mode="r")
+        if len(splits[split]) < cfg.block_size + 1:
+            raise UserError(f"{path} has {len(splits[split])} tokens, fewer than block_size + 1 = "
+                            f"{cfg.block_size + 1}: lower --block_size or use more text")
+        expected = meta.get(f"{split}_tokens")
+        if expected is not None and expected != len(splits[split]):
+            raise UserError(f"{path} has {len(splits[split])} tokens but meta.json says {expected}: {hint} again")
+    # the largest id must have a row in the embedding; meta.json records it (else scan once, in chunks)
+    if "max_token_id" in meta:
+        max_id = meta["max_token_id"]
+    else:
+        max_id = max(int(d[i:i + (1 << 24)].max()) for d in splits.values() for i in range(0, len(d), 1 << 24))
+    if max_id >= meta["vocab_size"]:
+        raise UserError(f"{data_dir} holds token id {max_id} but meta.json says vocab_size={meta['vocab_size']}: "
+                        f"{hint} again")
+    return splits, meta, max_id
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """Random windows of the token stream: x = tokens[i:i+T], y = tokens[i+1:i+1+T] (the next token)."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix.tolist()]).astype(np.int64))  # (B, T+1)
+    if device.startswith("cuda"):  # pinned memory lets the copy overlap GPU work
+        xy = xy.pin_memory().to(device, non_blocking=True)
+    else:
+        xy = xy.to(device)
+    return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()  # (B, T), (B, T)
+
+
+# ---- optimization ------------------------------------------------------------------------------------
+
+def get_lr(it, cfg):
+    """Linear warmup for warmup_iters steps, then cosine decay to min_lr at lr_decay_iters."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, device_type):
+    """AdamW; weight decay on matrices (matmul weights, embeddings) only, never on biases or LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # the fused CUDA kernel updates all parameters in a few launches instead of several per tensor
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device_type == "cuda")
+
+
+# ---- evaluation and monitoring ------------------------------------------------------------------------
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg, ctx):
+    """Mean loss over eval_iters batches per split. The batches come from a generator seeded the same way
+    every time, so evaluations are comparable across steps and do not disturb the training batches."""
+    model.eval()
+    out = {}
+    for i, (split, data) in enumerate(splits.items()):
+        gen = torch.Generator().manual_seed(cfg.seed + 1 + i)
+        total = 0.0
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(data, cfg.batch_size, cfg.block_size, gen, cfg.device)
+            with ctx:
+                _, loss = model(x, y)
+            total += loss.item()
+        out[split] = total / cfg.eval_iters
+    model.train()
+    return out
+
+
+# dense bf16 tensor-core peaks from the vendors' datasheets, for MFU (Chowdhery et al. 2022); first match wins
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
+              ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+
+
+def peak_flops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def peak_memory_gib(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS; Linux reports KiB
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+
+def save_checkpoint(path, state):
+    """Write to a temporary file in the same folder, fsync, then rename over the old file: a crash or a full
+    disk mid-write leaves the previous checkpoint untouched."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path):
+    try:
+        return read_checkpoint(path)
+    except ValueError as e:
+        raise UserError(str(e))
+
+
+SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+def check_same_shape(ckpt_config, model_config, path):
+    for key in SHAPE_FIELDS:
+        if ckpt_config[key] != getattr(model_config, key):
+            raise UserError(f"{path} holds a model with {key}={ckpt_config[key]!r} but the config asks for "
+                            f"{key}={getattr(model_config, key)!r}: set --{key}={ckpt_config[key]!r} "
+                            f"or use another out_dir")
+
+
+def write_json(path, obj):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---- the training loop ---------------------------------------------------------------------------------
+
+def train(cfg):
+    t_start = time.time()
+    device_type = resolve(cfg)
+    torch.manual_seed(cfg.seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (only matters for fp32)
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+
+    splits, meta, max_id = load_dataset(cfg)
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    if cfg.init_from != "resume" and ckpt_path.exists() and not cfg.overwrite:
+        raise UserError(f"{ckpt_path} already exists: continue it with --init_from=resume, choose another "
+                        f"--out_dir, or pass --overwrite=True to replace it")
+
+    # ---- the model: from scratch, from our checkpoint, or from GPT-2 weights
+    ckpt = None
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["init_source"] != "scratch":  # GPT-2 weights fixed the shape, not the config's fields
+            for key in ("n_layer", "n_head", "n_embd", "bias"):
+                setattr(cfg, key, ckpt["model_config"][key])
+        model_config = GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
+                                 n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                                 attn_impl=cfg.attn_impl)
+        check_same_shape(ckpt["model_config"], model_config, ckpt_path)
+        model = GPT(model_config)
+        model.load_state_dict(ckpt["model"])
+    elif cfg.init_from == "scratch":
+        model_config = GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
+                                 n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                                 attn_impl=cfg.attn_impl)
+        model = GPT(model_config)
+    else:
+        if meta["tokenizer"] != "gpt2":
+            raise UserError(f"GPT-2 weights need GPT-2 tokens, but {cfg.dataset} uses tokenizer "
+                            f"{meta['tokenizer']!r}: prepare the text with prepare/shakespeare.py (BPE)")
+        try:
+            model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, attn_impl=cfg.attn_impl)
+        except ValueError as e:
+            raise UserError(str(e))
+        if cfg.block_size > model.config.block_size:
+            raise UserError(f"block_size={cfg.block_size} is longer than the {model.config.block_size} positions "
+                            f"of {cfg.init_from}: lower --block_size")
+        model.crop_block_size(cfg.block_size)
+        for key in ("n_layer", "n_head", "n_embd", "bias"):  # the weights fix the shape; record it
+            setattr(cfg, key, getattr(model.config, key))
+        print(f"loaded GPT-2 weights from {cfg.init_from}: n_layer={cfg.n_layer} n_head={cfg.n_head} "
+              f"n_embd={cfg.n_embd}")
+    if max_id >= model.config.vocab_size:
+        raise UserError(f"{cfg.dataset} holds token id {max_id}, beyond the model's vocab_size="
+                        f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
+    model.to(cfg.device)
+
+    optimizer = make_optimizer(model, cfg, device_type)
+    # loss scaling keeps small float16 gradients from flushing to zero; bfloat16 and float32 need none
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
+    batch_gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches; saved in checkpoints
+    iter_num, best_val_loss = 0, float("inf")
+    init_source = cfg.init_from
+    if ckpt is not None:
+        init_source = ckpt["init_source"]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device_type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        batch_gen.set_state(ckpt["rng"]["batches"])
+        print(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
+        del ckpt  # free the CPU copy of the weights and optimizer state
+
+    print_config(cfg, "config (resolved)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "config.json", dataclasses.asdict(cfg))
+    write_json(out_dir / "meta.json", meta)  # sample.py finds the tokenizer next to the checkpoint
+    metrics_path = out_dir / "metrics.jsonl"
+    if cfg.init_from != "resume":
+        metrics_path.write_text("")
+    n_params = model.num_params()
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    print(f"model: {n_params / 1e6:.2f}M parameters (non-embedding: "
+          f"{(n_params - model.transformer.wte.weight.numel()) / 1e6:.2f}M); {tokens_per_step:,} tokens per step "
+          f"on {cfg.device} in {cfg.dtype}")
+    flops_per_step = model.flops_per_token(cfg.block_size) * tokens_per_step
+    peak = peak_flops(cfg.device)
+
+    train_model = torch.compile(model) if cfg.compile else model  # `model` stays uncompiled for saving
+
+    def checkpoint_state():
+        return {
+            "format_version": CKPT_FORMAT_VERSION,
+            "model_config": model.config_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "iter_num": iter_num,
+            "init_source": init_source,  # "scratch" or the GPT-2 directory the run started from
+            "best_val_loss": best_val_loss,
+            "train_config": dataclasses.asdict(cfg),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
+                "batches": batch_gen.get_state(),
+            },
+        }
+
+    # Ctrl-C (SIGINT) or SIGTERM: finish the current step, save, and exit; a second Ctrl-C stops at once
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not cfg.progress, dynamic_ncols=True,
+               unit="step", file=sys.stdout)
+    log = bar.write
+    loss_sum = torch.zeros((), device=cfg.device)  # summed on the device; read only at log steps
+    steps_since_log, t_log = 0, time.perf_counter()
+    resumed_at = iter_num if cfg.init_from == "resume" else None  # its evaluation is already in metrics.jsonl
+    try:
+        while True:
+            # ---- evaluate and checkpoint
+            if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != resumed_at:
+                losses = estimate_loss(train_model, splits, cfg, ctx)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise UserError(f"evaluation loss is {losses} at step {iter_num}: training diverged; lower "
+                                    f"learning_rate or raise warmup_iters. {ckpt_path} was not overwritten")
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                log(f"eval {iter_num:>6} | train loss {losses['train']:.4f} (ppl {math.exp(losses['train']):.2f})"
+                    f" | val loss {losses['val']:.4f} (ppl {math.exp(losses['val']):.2f})"
+                    f"{' | best' if improved else ''}")
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                        "train_ppl": math.exp(losses["train"]), "val_ppl": math.exp(losses["val"]),
+                                        "lr": get_lr(max(iter_num - 1, 0), cfg), "tokens": iter_num * tokens_per_step,
+                                        "time_s": round(time.time() - t_start, 3)}) + "\n")
+                if improved or cfg.always_save_checkpoint:
+                    save_checkpoint(ckpt_path, checkpoint_state())
+                steps_since_log, t_log = 0, time.perf_counter()  # keep evaluation out of the step timing
+            if iter_num >= cfg.max_iters:
+                break
+
+            # ---- one optimizer step: forward/backward on each micro-batch, then clip and step
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(cfg.gradient_accumulation_steps):
+                x, y = get_batch(splits["train"], cfg.batch_size, cfg.block_size, batch_gen, cfg.device)
+                with ctx:
+                    _, loss = train_model(x, y)
+                    loss = loss / cfg.gradient_accumulation_steps  # gradients add up over micro-batches
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            steps_since_log += 1
+            bar.update(1)
+
+            # ---- log (the .item() here is the only wait for the GPU outside evaluation)
+            if iter_num % cfg.log_interval == 0 or stop["signal"] is not None:
+                loss_val = loss_sum.item() / steps_since_log
+                loss_sum.zero_()
+                if not math.isfinite(loss_val):
+                    raise UserError(f"loss is {loss_val} at step {iter_num}: training diverged; lower "
+                                    f"learning_rate, raise warmup_iters or use dtype=bfloat16. "
+                                    f"{ckpt_path} was not overwritten")
+                dt = (time.perf_counter() - t_log) / steps_since_log
+                line = (f"step {iter_num:>6} | loss {loss_val:.4f} | lr {lr:.2e} | "
+                        f"{tokens_per_step / dt:>9,.0f} tok/s | {dt * 1000:7.1f} ms/step")
+                if peak:
+                    line += f" | mfu {100 * flops_per_step / dt / peak:4.1f}%"
+                log(line + f" | mem {peak_memory_gib(cfg.device):.2f} GiB")
+                steps_since_log, t_log = 0, time.perf_counter()
+
+            if stop["signal"] is not None:
+                save_checkpoint(ckpt_path, checkpoint_state())
+                name = signal.Signals(stop["signal"]).name
+                args = [a for a in sys.argv if not a.startswith("--init_from=")]
+                log(f"{name}: saved {ckpt_path} at step {iter_num}. Resume with:\n"
+                    f"  python {' '.join(args)} --init_from=resume")
+                raise SystemExit(128 + stop["signal"])
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    print(f"done in {time.time() - t_start:.1f} s: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}")
+    if cfg.sample_tokens > 0:
+        enc = tok.from_meta(meta)
+        start = enc.encode("\n") if meta["tokenizer"] == "char" and "\n" in meta["chars"] else [enc.eot_token or 0]
+        gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+        idx = torch.tensor([start], dtype=torch.long, device=cfg.device)
+        with ctx:
+            out = model.generate(idx, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen)
+        print("---- sample ----")
+        print(enc.decode(out[0, len(start):].tolist()))
+    return best_val_loss
+
+
+def main(argv=None):
+    try:
+        cfg = load_config(TrainConfig, sys.argv[1:] if argv is None else argv)
+        train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
