@@ -90,6 +90,9 @@ def resolve(cfg):
         raise UserError(f"dropout={cfg.dropout} must be in [0, 1)")
     if cfg.attn_impl not in ("sdpa", "math"):
         raise UserError(f"attn_impl={cfg.attn_impl!r} is unknown: use 'sdpa' or 'math'")
+    if cfg.init_from not in ("scratch", "resume") and not Path(cfg.init_from).is_dir():
+        raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or an existing directory "
+                        f"(a Hugging Face GPT-2 checkpoint)")
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device_type = cfg.device.split(":")[0]
@@ -298,22 +301,19 @@ def train(cfg):
 
     # ---- the model: from scratch, from our checkpoint, or from GPT-2 weights
     ckpt = None
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["init_source"] != "scratch":  # GPT-2 weights fixed the shape, not the config's fields
-            for key in ("n_layer", "n_head", "n_embd", "bias"):
-                setattr(cfg, key, ckpt["model_config"][key])
-        model_config = GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                                 n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                                 attn_impl=cfg.attn_impl)
-        check_same_shape(ckpt["model_config"], model_config, ckpt_path)
-        model = GPT(model_config)
-        model.load_state_dict(ckpt["model"])
-    elif cfg.init_from == "scratch":
+    if cfg.init_from in ("scratch", "resume"):
+        if cfg.init_from == "resume":
+            ckpt = load_checkpoint(ckpt_path)
+            if ckpt["init_source"] != "scratch":  # GPT-2 weights fixed the shape, not the config's fields
+                for key in ("n_layer", "n_head", "n_embd", "bias"):
+                    setattr(cfg, key, ckpt["model_config"][key])
         model_config = GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
                                  attn_impl=cfg.attn_impl)
         model = GPT(model_config)
+        if ckpt is not None:
+            check_same_shape(ckpt["model_config"], model_config, ckpt_path)
+            model.load_state_dict(ckpt["model"])
     else:
         if meta["tokenizer"] != "gpt2":
             raise UserError(f"GPT-2 weights need GPT-2 tokens, but {cfg.dataset} uses tokenizer "
@@ -362,9 +362,8 @@ def train(cfg):
         metrics_path.write_text("")
     n_params = model.num_params()
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    print(f"model: {n_params / 1e6:.2f}M parameters (non-embedding: "
-          f"{(n_params - model.transformer.wte.weight.numel()) / 1e6:.2f}M); {tokens_per_step:,} tokens per step "
-          f"on {cfg.device} in {cfg.dtype}")
+    print(f"model: {n_params / 1e6:.2f}M parameters (position embeddings not counted); {tokens_per_step:,} "
+          f"tokens per step on {cfg.device} in {cfg.dtype}")
     flops_per_step = model.flops_per_token(cfg.block_size) * tokens_per_step
     peak = peak_flops(cfg.device)
 

@@ -1,23 +1,23 @@
-# CPU quick start: a small character-level model on tiny-shakespeare, a few minutes on a 2-core laptop CPU.
+# CPU quick start: a small character-level model on tiny-shakespeare in under 3 minutes on 2 CPU cores.
 #   python train.py config/small.py
-# Tuned for the CPU, where every matmul costs real time: a small model and a high learning rate.
+# Tuned on a 2-core CPU (README, Results): at a fixed time budget a shallow model that takes many steps at a
+# high learning rate beat deeper or wider ones (3 or 4 layers, width 192) and longer contexts (block 128).
 out_dir = "out-small"
 dataset = "shakespeare_char"
 
-n_layer = 4
+n_layer = 2
 n_head = 4
 n_embd = 128
-dropout = 0.0  # too few steps to overfit
+dropout = 0.0  # 3000 steps of 1024 tokens is about 3 passes over the data: too few to overfit
 block_size = 64
-batch_size = 12
+batch_size = 16
 
-learning_rate = 2e-3
-max_iters = 2000
-lr_decay_iters = 2000
-min_lr = 2e-4
+learning_rate = 5e-3  # measured: 5e-3 beat 3e-3 and 2e-3 at this size
+max_iters = 3000
+lr_decay_iters = 3000
+min_lr = 5e-4
 warmup_iters = 50
 
-eval_interval = 500
-eval_iters = 20
-log_interval = 50
-device = "auto"
+eval_interval = 1000
+eval_iters = 50
+log_interval = 100

@@ -2,10 +2,7 @@
 the KV cache matching a full forward, sampling, GPT-2 init, parameter and FLOP counts, crop_block_size,
 Hugging Face GPT-2 import/export, and read_checkpoint's errors."""
 
-import copy
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch

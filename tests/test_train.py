@@ -35,6 +35,7 @@ def weights(out_dir):
 
 def run_main_error(argv, capsys):
     """Run train.main, expect exit 1 and return the single stderr line."""
+    capsys.readouterr()  # drop what earlier steps of the test printed
     with pytest.raises(SystemExit) as exc:
         train_mod.main(argv)
     assert exc.value.code == 1
@@ -243,3 +244,43 @@ def test_corrupt_checkpoint_and_no_overwrite(tiny_flags, tmp_path, capsys):
     assert ckpt.read_bytes() == before
     ckpt.write_bytes(before[: len(before) // 2])
     assert "corrupt or truncated" in run_main_error(tiny_flags + ["--init_from=resume"], capsys)
+
+
+def test_finetune_from_gpt2_directory_then_resume(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from conftest import SHAKESPEARE
+    from prepare.shakespeare import write_dataset
+    text = tmp_path / "input.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    write_dataset(text, tmp_path / "data" / "bpe")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                                                              vocab_size=50257))
+    hf.save_pretrained(tmp_path / "gpt2")
+    flags = [f"--data_root={tmp_path / 'data'}", "--dataset=bpe", f"--out_dir={tmp_path / 'out'}", "--device=cpu",
+             "--block_size=32", "--batch_size=4", "--eval_interval=2", "--eval_iters=2", "--progress=False",
+             "--sample_tokens=5", "--learning_rate=1e-3", "--warmup_iters=0", "--lr_decay_iters=6"]
+    run(flags + [f"--init_from={tmp_path / 'gpt2'}", "--max_iters=4"])
+    ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["model_config"]["n_embd"] == 32 and ckpt["model_config"]["block_size"] == 32  # cropped from 64
+    assert ckpt["init_source"] == str(tmp_path / "gpt2")
+    # the step-0 evaluation scored the GPT-2 weights themselves: recompute it with transformers
+    first = metrics(tmp_path / "out")[0]
+    val = np.memmap(tmp_path / "data" / "bpe" / "val.bin", dtype=np.uint16, mode="r")
+    gen = torch.Generator().manual_seed(1337 + 2)  # estimate_loss's generator for the val split
+    hf.eval()
+    with torch.no_grad():
+        losses = []
+        for _ in range(2):
+            x, y = get_batch(val, 4, 32, gen, "cpu")
+            losses.append(hf(x, labels=None).logits.flatten(0, 1).log_softmax(-1).gather(1, y.reshape(-1, 1))
+                          .mean().neg().item())
+    assert first["val_loss"] == pytest.approx(sum(losses) / 2, abs=1e-4)
+    # resuming needs no shape flags: the checkpoint says it came from GPT-2 weights (TrainConfig says n_layer=12)
+    run(flags + ["--init_from=resume", "--max_iters=6"])
+    assert read_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 6
+    # a longer context than the weights have, and a start point that does not exist: refused
+    err = run_main_error([f"--init_from={tmp_path / 'gpt2'}", f"--data_root={tmp_path / 'data'}", "--dataset=bpe",
+                          f"--out_dir={tmp_path / 'o2'}", "--block_size=128", "--device=cpu"], capsys)
+    assert "block_size=128 is longer than the 64 positions" in err
+    assert "is not 'scratch', 'resume' or an existing directory" in run_main_error(["--init_from=scratc"], capsys)
