@@ -52,6 +52,7 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (the explicit formula)
+    attn_backend: str = "auto"  # CUDA kernel behind sdpa: "auto" (PyTorch picks), "flash", "cudnn" or "efficient"
     # ---- optimizer: AdamW, decoupled weight decay on matrices only
     learning_rate: float = 6e-4  # peak learning rate
     weight_decay: float = 0.1
@@ -93,6 +94,8 @@ def resolve(cfg):
     if cfg.init_from not in ("scratch", "resume") and not Path(cfg.init_from).is_dir():
         raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or an existing directory "
                         f"(a Hugging Face GPT-2 checkpoint)")
+    if cfg.attn_backend not in ATTN_BACKENDS:
+        raise UserError(f"attn_backend={cfg.attn_backend!r} is unknown: use one of {', '.join(ATTN_BACKENDS)}")
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device_type = cfg.device.split(":")[0]
@@ -114,6 +117,20 @@ def resolve(cfg):
     if cfg.lr_decay_iters == 0:
         cfg.lr_decay_iters = cfg.max_iters
     return device_type
+
+
+ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient")
+
+
+def set_attention_backend(name):
+    """Allow only one fused kernel behind F.scaled_dot_product_attention on CUDA ("auto": PyTorch chooses).
+    The math kernel stays allowed as the fallback for calls the fused one cannot take (masks in the KV cache)."""
+    if name == "auto":
+        return
+    torch.backends.cuda.enable_flash_sdp(name == "flash")
+    torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
+    torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
+    torch.backends.cuda.enable_math_sdp(True)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -289,6 +306,7 @@ def train(cfg):
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (only matters for fp32)
         torch.backends.cudnn.allow_tf32 = True
+        set_attention_backend(cfg.attn_backend)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 

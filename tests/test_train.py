@@ -284,3 +284,20 @@ def test_finetune_from_gpt2_directory_then_resume(tmp_path, capsys):
                           f"--out_dir={tmp_path / 'o2'}", "--block_size=128", "--device=cpu"], capsys)
     assert "block_size=128 is longer than the 64 positions" in err
     assert "is not 'scratch', 'resume' or an existing directory" in run_main_error(["--init_from=scratc"], capsys)
+
+
+def test_attention_backend_switch(capsys):
+    assert "attn_backend='fast' is unknown" in run_main_error(["--attn_backend=fast"], capsys)
+    b = torch.backends.cuda
+    flags = lambda: (b.flash_sdp_enabled(), b.cudnn_sdp_enabled(), b.mem_efficient_sdp_enabled(),  # noqa: E731
+                     b.math_sdp_enabled())
+    before = flags()
+    try:
+        train_mod.set_attention_backend("cudnn")
+        assert flags() == (False, True, False, True)  # only cuDNN, with math as the fallback for masked calls
+        train_mod.set_attention_backend("flash")
+        assert flags() == (True, False, False, True)
+        train_mod.set_attention_backend("auto")  # leaves PyTorch's choice alone
+        assert flags() == (True, False, False, True)
+    finally:
+        b.enable_flash_sdp(before[0]), b.enable_cudnn_sdp(before[1]), b.enable_mem_efficient_sdp(before[2])

@@ -1,0 +1,174 @@
+"""Training-speed benchmark on one GPU: tokens/s, ms/step, model TFLOP/s, MFU and peak memory.
+
+    python bench.py                                  # GPT-2 124M shape, micro-batches 12, 16 and 32
+    python bench.py --batch_sizes 12 --hf            # also transformers' GPT2LMHeadModel, same shape, same process
+    python bench.py --attn_backend cudnn             # any lever below, to compare against the default
+    python bench.py --recipe config/shakespeare_char.py --target 1.47   # time a train.py recipe to a val loss
+
+Synthetic data (random token ids): the step costs the same as on real text. Each step is the one train.py runs:
+autocast forward, backward, clip, fused AdamW step. MFU counts 6 FLOPs per parameter per token plus attention
+(model.flops_per_token) against the card's dense bf16 peak: a known card's datasheet figure, else a measured
+8192^3 bf16 matmul.
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+
+import torch
+
+from model import GPT, GPTConfig
+
+
+def measured_matmul_peak(device, n=8192, reps=20):
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def time_steps(step, warmup, steps):
+    """Median-free simple timing: warmup (compile, autotune), then `steps` steps between two syncs."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+def bench_model(name, model, flops_per_token, args, batch_size, hf=False):
+    device = "cuda"
+    T = args.block_size
+    model.to(device).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=6e-4, betas=(0.9, 0.95), fused=True)
+    fwd = torch.compile(model) if args.compile else model
+    gen = torch.Generator(device=device).manual_seed(0)
+    vocab = 50257  # real token ids only, also when the embedding is padded
+    batches = [torch.randint(vocab, (batch_size, T + 1), device=device, generator=gen) for _ in range(4)]
+    state = {"i": 0}
+
+    def step():
+        xy = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        x, y = xy[:, :-1], xy[:, 1:]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if hf:
+                loss = fwd(input_ids=x, labels=None).logits.float().flatten(0, 1)
+                loss = torch.nn.functional.cross_entropy(loss, y.reshape(-1))
+            else:
+                _, loss = fwd(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    if args.profile:  # where the time goes: the kernels that take most of 5 steps, after warmup
+        time_steps(step, args.warmup, 1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            time_steps(step, 0, 5)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    try:
+        dt = time_steps(step, args.warmup, args.steps)
+    except torch.OutOfMemoryError:
+        print(f"{name:28s} {batch_size:>4}   out of memory")
+        return
+    finally:
+        del opt
+    tok_s = batch_size * T / dt
+    tflops = flops_per_token * tok_s / 1e12
+    mem = torch.cuda.max_memory_allocated() / 2**30
+    print(f"{name:28s} {batch_size:>4} {tok_s:>12,.0f} {dt * 1000:>9.1f} {tflops:>9.1f} "
+          f"{100 * tflops * 1e12 / args.peak:>6.1f}% {mem:>9.2f}", flush=True)
+
+
+def throughput(args):
+    import train  # the card table lives next to the MFU log line
+    torch.backends.cuda.matmul.allow_tf32 = True
+    name = torch.cuda.get_device_name()
+    args.peak = train.peak_flops("cuda") or measured_matmul_peak("cuda")
+    print(f"{name}, torch {torch.__version__}, peak {args.peak / 1e12:.0f} TFLOP/s (bf16 dense), "
+          f"block {args.block_size}, compile {args.compile}, attn_backend {args.attn_backend}")
+    train.set_attention_backend(args.attn_backend)
+    print(f"{'model':28s} {'mb':>4} {'tokens/s':>12} {'ms/step':>9} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
+    cfg = dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
+               n_embd=args.n_embd)
+    for bs in args.batch_sizes:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**cfg))
+        bench_model("sologpt", model, model.flops_per_token(args.block_size), args, bs)
+        del model
+        torch.cuda.empty_cache()
+        if args.hf:
+            from transformers import GPT2Config, GPT2LMHeadModel
+            hf = GPT2LMHeadModel(GPT2Config(n_positions=args.block_size, vocab_size=args.vocab_size,
+                                            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                                            attn_implementation="sdpa"))
+            ours = GPT(GPTConfig(**cfg))  # same shape, so the same FLOP count
+            bench_model("transformers GPT2LMHeadModel", hf, ours.flops_per_token(args.block_size), args, bs, hf=True)
+            del hf, ours
+            torch.cuda.empty_cache()
+
+
+def recipe(args):
+    """Run train.py on a recipe and report the wall time from process start to the first val loss <= target."""
+    cmd = [sys.executable, "-u", "train.py", args.recipe, "--progress=False", "--overwrite=True", *args.extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reached, best = None, float("inf")
+    for line in proc.stdout:
+        print(line, end="")
+        if line.startswith("eval"):
+            val = float(line.split("val loss")[1].split()[0])
+            best = min(best, val)
+            if reached is None and val <= args.target:
+                reached = time.perf_counter() - t0
+                if args.stop_at_target:
+                    proc.terminate()
+    proc.wait()
+    total = time.perf_counter() - t0
+    print(f"\nrecipe {args.recipe} {' '.join(args.extra)}")
+    print(f"val <= {args.target}: " + (f"reached {reached:.1f} s after process start" if reached else "not reached"))
+    print(f"best val loss {best:.4f}; process wall time {total:.1f} s")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[12, 16, 32])
+    p.add_argument("--block_size", type=int, default=1024)
+    p.add_argument("--vocab_size", type=int, default=50304, help="50257 padded to a multiple of 64, as nanoGPT")
+    p.add_argument("--n_layer", type=int, default=12)
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--compile", type=int, default=1)
+    p.add_argument("--attn_backend", default="auto")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--hf", action="store_true", help="also time transformers' GPT2LMHeadModel")
+    p.add_argument("--profile", action="store_true", help="print the CUDA kernels that take the most time")
+    p.add_argument("--recipe", help="a train.py config file: time it to --target instead")
+    p.add_argument("--target", type=float, default=1.47)
+    p.add_argument("--stop_at_target", action="store_true")
+    args, extra = p.parse_known_args()
+    args.extra = extra  # with --recipe: more train.py flags, e.g. --max_iters=2000
+    if args.recipe:
+        recipe(args)
+    else:
+        throughput(args)
+
+
+if __name__ == "__main__":
+    main()
