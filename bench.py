@@ -146,14 +146,14 @@ def recipe(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[12, 16, 32])
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--vocab_size", type=int, default=50304, help="50257 padded to a multiple of 64, as nanoGPT")
     p.add_argument("--n_layer", type=int, default=12)
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)
-    p.add_argument("--compile", type=int, default=1)
+    p.add_argument("--eager", action="store_true", help="skip torch.compile")
     p.add_argument("--attn_backend", default="auto")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
@@ -163,6 +163,7 @@ def main():
     p.add_argument("--target", type=float, default=1.47)
     p.add_argument("--stop_at_target", action="store_true")
     args, extra = p.parse_known_args()
+    args.compile = not args.eager
     args.extra = extra  # with --recipe: more train.py flags, e.g. --max_iters=2000
     if args.recipe:
         recipe(args)

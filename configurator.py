@@ -39,7 +39,11 @@ def load_config(cls, argv):
             path = Path(arg)
             if not path.is_file():
                 raise UserError(f"config file {arg} does not exist: check the path (config files live in config/)")
-            for key, value in runpy.run_path(str(path)).items():
+            try:
+                names = runpy.run_path(str(path))
+            except Exception as e:  # a syntax error or an exception inside the file
+                raise UserError(f"config file {arg} failed: {type(e).__name__}: {e}")
+            for key, value in names.items():
                 if key.startswith("_") or isinstance(value, types.ModuleType):
                     continue  # private helpers and imported modules are not settings
                 _set(cfg, hints, key, value, f"config file {arg}")
@@ -83,8 +87,30 @@ def _allowed(typ):
     return typing.get_args(typ) if union else (typ,)
 
 
-def config_dict(cfg):
-    return dataclasses.asdict(cfg)
+def resolve_device(device, dtype):
+    """Turn "auto" into a real device and dtype and check both; returns (device, device_type, dtype).
+    auto device: cuda, then mps, then cpu. auto dtype: bfloat16 on CUDA GPUs that have it, else float16
+    (which needs loss scaling when training); float32 elsewhere."""
+    import torch  # here, so that loading a config stays cheap
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device_type, _, index = device.partition(":")
+    if device_type not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise UserError(f"device={device!r} is unknown: use auto, cpu, cuda, cuda:N or mps")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={device!r} but this torch sees no CUDA GPU: use --device=cpu (or auto)")
+    if device_type == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"device={device!r} but there are only {torch.cuda.device_count()} CUDA GPUs")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={device!r} but MPS (Apple GPU) is not available: use --device=cpu (or auto)")
+    if dtype == "auto":
+        if device_type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"dtype={dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+    return device, device_type, dtype
 
 
 def print_config(cfg, title):

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 import tokenizer as tok
-from configurator import UserError, load_config
+from configurator import UserError, load_config, resolve_device
 from model import GPT, read_checkpoint
 
 
 @dataclass
 class SampleConfig:
     out_dir: str = "out"  # folder with ckpt.pt and meta.json
-    start: str = "\n"  # the prompt, or FILE:path to read it from a file; "" starts from nothing
+    start: str = "\n"  # the prompt, or FILE:path to read it from a file; "" starts from the end-of-text token
     num_samples: int = 3
     max_new_tokens: int = 500
     temperature: float = 0.8  # 1.0 samples the model's distribution; lower is more conservative; 0 is greedy
@@ -29,7 +29,7 @@ class SampleConfig:
     top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much probability; 1.0 is off
     seed: int = 1337  # same seed, same checkpoint, same device: same text
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu
-    dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it, float32 elsewhere
+    dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it (else float16), float32 elsewhere
 
 
 def load_model(cfg, device):
@@ -64,24 +64,20 @@ def encode_prompt(cfg, enc):
         ids = enc.encode(text)
     except tok.TokenizerError as e:
         raise UserError(f"prompt: {e}")
-    if not ids:  # start from the end-of-text token (GPT-2) or token 0
-        ids = [enc.eot_token if enc.eot_token is not None else 0]
-    return ids
+    if not ids:  # start from the end-of-text token (GPT-2) or token 0, which is not printed
+        return [enc.eot_token if enc.eot_token is not None else 0], 1
+    return ids, 0
 
 
 def sample(cfg):
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device_type = cfg.device.split(":")[0]
-    if cfg.dtype == "auto":
-        cfg.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or (cfg.top_k is not None and cfg.top_k < 1):
         raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1 (or None)")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 
     model, enc = load_model(cfg, cfg.device)
-    prompt = encode_prompt(cfg, enc)
+    prompt, skip = encode_prompt(cfg, enc)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     idx = torch.tensor([prompt], dtype=torch.long, device=cfg.device)  # (1, T)
@@ -90,7 +86,7 @@ def sample(cfg):
         with ctx:
             out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                  top_p=cfg.top_p, generator=gen)
-        text = enc.decode(out[0].tolist())
+        text = enc.decode(out[0, skip:].tolist())
         texts.append(text)
         print(text)
         print("-" * 40)

@@ -58,13 +58,19 @@ def load_meta(path):
     for key in ("tokenizer", "vocab_size"):
         if key not in meta:
             raise TokenizerError(f"{path} has no {key!r}: run the dataset's prepare/ script again")
+    if type(meta["vocab_size"]) is not int or meta["vocab_size"] < 1:
+        raise TokenizerError(f"{path}: vocab_size={meta['vocab_size']!r} is not a positive integer")
     return meta
 
 
 def from_meta(meta):
     kind = meta["tokenizer"]
     if kind == "char":
-        if "chars" not in meta or len(meta["chars"]) != meta["vocab_size"]:
+        if not isinstance(meta.get("chars"), str) or len(meta["chars"]) != meta["vocab_size"]:
             raise TokenizerError("meta.json of a char dataset needs 'chars' with vocab_size characters")
         return CharTokenizer(meta["chars"])
-    return TiktokenTokenizer(kind)
+    try:
+        return TiktokenTokenizer(kind)
+    except Exception as e:  # unknown name, or the BPE files cannot be fetched offline
+        raise TokenizerError(f"tokenizer {kind!r} from meta.json cannot be loaded ({type(e).__name__}: {e}); "
+                             f"offline, set TIKTOKEN_CACHE_DIR to a tiktoken cache")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import UserError, load_config, print_config
+from configurator import UserError, load_config, print_config, resolve_device
 from model import CKPT_FORMAT_VERSION, GPT, GPTConfig, read_checkpoint
 import tokenizer as tok
 
@@ -87,6 +87,14 @@ def resolve(cfg):
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens"):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key}={getattr(cfg, key)} must not be negative")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: pick values where it is")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{key}={getattr(cfg, key)} must not be negative")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise UserError(f"{key}={getattr(cfg, key)} must be in [0, 1)")
     if not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"dropout={cfg.dropout} must be in [0, 1)")
     if cfg.attn_impl not in ("sdpa", "math"):
@@ -96,20 +104,7 @@ def resolve(cfg):
                         f"(a Hugging Face GPT-2 checkpoint)")
     if cfg.attn_backend not in ATTN_BACKENDS:
         raise UserError(f"attn_backend={cfg.attn_backend!r} is unknown: use one of {', '.join(ATTN_BACKENDS)}")
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device_type = cfg.device.split(":")[0]
-    if device_type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"device={cfg.device!r} is unknown: use auto, cpu, cuda, cuda:N or mps")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device='cuda' but this torch sees no CUDA GPU: use --device=cpu (or auto)")
-    if cfg.dtype == "auto":
-        if device_type == "cuda":
-            cfg.dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            cfg.dtype = "float32"
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"dtype={cfg.dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+    cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
     if cfg.compile == "auto":
         cfg.compile = device_type == "cuda"
     if not isinstance(cfg.compile, bool):
@@ -140,6 +135,8 @@ def load_dataset(cfg):
     data_dir = Path(cfg.data_root) / cfg.dataset
     files = [data_dir / name for name in ("train.bin", "val.bin", "meta.json")]
     script = ROOT / "prepare" / f"{cfg.dataset}.py"
+    if cfg.dataset in ("common", "__init__"):  # prepare/'s helpers, not dataset scripts
+        script = ROOT / "prepare" / "no such script"
     if not any(f.exists() for f in files) and script.is_file():
         print(f"{data_dir} is not prepared yet: running prepare/{script.name}")
         cmd = [sys.executable, str(script), "--data_root", cfg.data_root]
@@ -153,8 +150,12 @@ def load_dataset(cfg):
             raise UserError(f"{f} is missing: {hint}")
     try:
         meta = tok.load_meta(data_dir / "meta.json")
+        enc = tok.from_meta(meta)  # now, not after training: a broken meta.json should fail before step 0
     except tok.TokenizerError as e:
         raise UserError(str(e))
+    if meta.get("dtype", "uint16") not in ("uint16", "uint32"):
+        raise UserError(f"{data_dir}/meta.json has dtype={meta['dtype']!r}; token files are uint16 or uint32: "
+                        f"{hint} again")
     dtype = np.dtype(meta.get("dtype", "uint16"))
     splits = {}
     for split in ("train", "val"):
@@ -176,7 +177,7 @@ def load_dataset(cfg):
     if max_id >= meta["vocab_size"]:
         raise UserError(f"{data_dir} holds token id {max_id} but meta.json says vocab_size={meta['vocab_size']}: "
                         f"{hint} again")
-    return splits, meta, max_id
+    return splits, meta, enc, max_id
 
 
 def get_batch(data, batch_size, block_size, generator, device):
@@ -284,6 +285,9 @@ SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias
 
 
 def check_same_shape(ckpt_config, model_config, path):
+    if ckpt_config["vocab_size"] != model_config.vocab_size:
+        raise UserError(f"{path} holds a model for {ckpt_config['vocab_size']} tokens but the dataset's meta.json "
+                        f"says {model_config.vocab_size}: resume on the dataset the checkpoint was trained on")
     for key in SHAPE_FIELDS:
         if ckpt_config[key] != getattr(model_config, key):
             raise UserError(f"{path} holds a model with {key}={ckpt_config[key]!r} but the config asks for "
@@ -300,7 +304,7 @@ def write_json(path, obj):
 # ---- the training loop ---------------------------------------------------------------------------------
 
 def train(cfg):
-    t_start = time.time()
+    t0 = time.time()
     device_type = resolve(cfg)
     torch.manual_seed(cfg.seed)
     if device_type == "cuda":
@@ -310,9 +314,11 @@ def train(cfg):
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 
-    splits, meta, max_id = load_dataset(cfg)
+    splits, meta, enc, max_id = load_dataset(cfg)
     out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
+    ckpt_path = out_dir / "ckpt.pt"  # saved at evaluations (every one, or only improvements)
+    # With always_save_checkpoint=False ckpt.pt must stay the best model, so Ctrl-C saves its resume point here
+    last_path = out_dir / "last.pt"
     if cfg.init_from != "resume" and ckpt_path.exists() and not cfg.overwrite:
         raise UserError(f"{ckpt_path} already exists: continue it with --init_from=resume, choose another "
                         f"--out_dir, or pass --overwrite=True to replace it")
@@ -321,8 +327,10 @@ def train(cfg):
     ckpt = None
     if cfg.init_from in ("scratch", "resume"):
         if cfg.init_from == "resume":
-            ckpt = load_checkpoint(ckpt_path)
-            if ckpt["init_source"] != "scratch":  # GPT-2 weights fixed the shape, not the config's fields
+            resume_path = last_path if last_path.exists() else ckpt_path
+            ckpt = load_checkpoint(resume_path)
+            # GPT-2 weights fixed this model's shape, not the config's fields: take it from the checkpoint
+            if ckpt["init_source"] != "scratch":
                 for key in ("n_layer", "n_head", "n_embd", "bias"):
                     setattr(cfg, key, ckpt["model_config"][key])
         model_config = GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
@@ -330,7 +338,7 @@ def train(cfg):
                                  attn_impl=cfg.attn_impl)
         model = GPT(model_config)
         if ckpt is not None:
-            check_same_shape(ckpt["model_config"], model_config, ckpt_path)
+            check_same_shape(ckpt["model_config"], model_config, resume_path)
             model.load_state_dict(ckpt["model"])
     else:
         if meta["tokenizer"] != "gpt2":
@@ -344,7 +352,7 @@ def train(cfg):
             raise UserError(f"block_size={cfg.block_size} is longer than the {model.config.block_size} positions "
                             f"of {cfg.init_from}: lower --block_size")
         model.crop_block_size(cfg.block_size)
-        for key in ("n_layer", "n_head", "n_embd", "bias"):  # the weights fix the shape; record it
+        for key in ("n_layer", "n_head", "n_embd", "bias"):  # the weights fix the shape: record it in cfg
             setattr(cfg, key, getattr(model.config, key))
         print(f"loaded GPT-2 weights from {cfg.init_from}: n_layer={cfg.n_layer} n_head={cfg.n_head} "
               f"n_embd={cfg.n_embd}")
@@ -358,17 +366,21 @@ def train(cfg):
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches; saved in checkpoints
     iter_num, best_val_loss = 0, float("inf")
+    last_eval_iter = -1  # the step of the last evaluation, so a resumed run does not repeat or skip one
     init_source = cfg.init_from
+    elapsed = 0.0  # seconds of training before this process (time_s in metrics.jsonl continues across resumes)
     if ckpt is not None:
         init_source = ckpt["init_source"]
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the checkpoint's run did not use float16
+            scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        last_eval_iter, elapsed = ckpt["last_eval_iter"], ckpt["elapsed_s"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device_type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         batch_gen.set_state(ckpt["rng"]["batches"])
-        print(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
+        print(f"resuming from {resume_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
         del ckpt  # free the CPU copy of the weights and optimizer state
 
     print_config(cfg, "config (resolved)")
@@ -376,8 +388,11 @@ def train(cfg):
     write_json(out_dir / "config.json", dataclasses.asdict(cfg))
     write_json(out_dir / "meta.json", meta)  # sample.py finds the tokenizer next to the checkpoint
     metrics_path = out_dir / "metrics.jsonl"
-    if cfg.init_from != "resume":
-        metrics_path.write_text("")
+    kept = []
+    if cfg.init_from == "resume" and metrics_path.exists():  # drop evaluations made after the resume point
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["iter"] <= iter_num]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
+    t_start = t0 - elapsed
     n_params = model.num_params()
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     print(f"model: {n_params / 1e6:.2f}M parameters (position embeddings not counted); {tokens_per_step:,} "
@@ -387,7 +402,8 @@ def train(cfg):
 
     train_model = torch.compile(model) if cfg.compile else model  # `model` stays uncompiled for saving
 
-    def checkpoint_state():
+    def checkpoint_state(iter_num, best_val_loss, last_eval_iter):
+        """Everything a resumed run needs to continue exactly: tensors and plain values only."""
         return {
             "format_version": CKPT_FORMAT_VERSION,
             "model_config": model.config_dict(),
@@ -397,6 +413,8 @@ def train(cfg):
             "iter_num": iter_num,
             "init_source": init_source,  # "scratch" or the GPT-2 directory the run started from
             "best_val_loss": best_val_loss,
+            "last_eval_iter": last_eval_iter,
+            "elapsed_s": time.time() - t_start,
             "train_config": dataclasses.asdict(cfg),
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -419,17 +437,17 @@ def train(cfg):
     log = bar.write
     loss_sum = torch.zeros((), device=cfg.device)  # summed on the device; read only at log steps
     steps_since_log, t_log = 0, time.perf_counter()
-    resumed_at = iter_num if cfg.init_from == "resume" else None  # its evaluation is already in metrics.jsonl
     try:
         while True:
             # ---- evaluate and checkpoint
-            if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != resumed_at:
+            if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != last_eval_iter:
                 losses = estimate_loss(train_model, splits, cfg, ctx)
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise UserError(f"evaluation loss is {losses} at step {iter_num}: training diverged; lower "
                                     f"learning_rate or raise warmup_iters. {ckpt_path} was not overwritten")
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
+                last_eval_iter = iter_num
                 log(f"eval {iter_num:>6} | train loss {losses['train']:.4f} (ppl {math.exp(losses['train']):.2f})"
                     f" | val loss {losses['val']:.4f} (ppl {math.exp(losses['val']):.2f})"
                     f"{' | best' if improved else ''}")
@@ -439,8 +457,10 @@ def train(cfg):
                                         "lr": get_lr(max(iter_num - 1, 0), cfg), "tokens": iter_num * tokens_per_step,
                                         "time_s": round(time.time() - t_start, 3)}) + "\n")
                 if improved or cfg.always_save_checkpoint:
-                    save_checkpoint(ckpt_path, checkpoint_state())
+                    save_checkpoint(ckpt_path, checkpoint_state(iter_num, best_val_loss, last_eval_iter))
+                    last_path.unlink(missing_ok=True)  # older than ckpt.pt now
                 steps_since_log, t_log = 0, time.perf_counter()  # keep evaluation out of the step timing
+                loss_sum.zero_()
             if iter_num >= cfg.max_iters:
                 break
 
@@ -482,10 +502,11 @@ def train(cfg):
                 steps_since_log, t_log = 0, time.perf_counter()
 
             if stop["signal"] is not None:
-                save_checkpoint(ckpt_path, checkpoint_state())
+                path = ckpt_path if cfg.always_save_checkpoint else last_path
+                save_checkpoint(path, checkpoint_state(iter_num, best_val_loss, last_eval_iter))
                 name = signal.Signals(stop["signal"]).name
                 args = [a for a in sys.argv if not a.startswith("--init_from=")]
-                log(f"{name}: saved {ckpt_path} at step {iter_num}. Resume with:\n"
+                log(f"{name}: saved {path} at step {iter_num}. Resume with:\n"
                     f"  python {' '.join(args)} --init_from=resume")
                 raise SystemExit(128 + stop["signal"])
     finally:
@@ -493,9 +514,9 @@ def train(cfg):
         for s, h in old_handlers.items():
             signal.signal(s, h)
 
+    last_path.unlink(missing_ok=True)  # the run is complete: a later resume starts from ckpt.pt
     print(f"done in {time.time() - t_start:.1f} s: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}")
     if cfg.sample_tokens > 0:
-        enc = tok.from_meta(meta)
         start = enc.encode("\n") if meta["tokenizer"] == "char" and "\n" in meta["chars"] else [enc.eot_token or 0]
         gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
         idx = torch.tensor([start], dtype=torch.long, device=cfg.device)

@@ -14,7 +14,6 @@ batch_size = 64
 
 learning_rate = 1e-3  # small models tolerate a high peak learning rate
 max_iters = 5000
-lr_decay_iters = 5000
 min_lr = 1e-4  # learning_rate / 10
 beta2 = 0.99  # 256 * 64 tokens per step is a small batch: average the second moment over more steps
 warmup_iters = 100

@@ -14,7 +14,6 @@ batch_size = 16
 
 learning_rate = 5e-3  # measured: 5e-3 beat 3e-3 and 2e-3 at this size
 max_iters = 3000
-lr_decay_iters = 3000
 min_lr = 5e-4
 warmup_iters = 50
 

@@ -64,3 +64,13 @@ def test_sample_errors(trained, tmp_path, capsys):
     assert "cannot read the prompt file" in error_line([f"--out_dir={trained}", f"--start=FILE:{tmp_path}/no"],
                                                        capsys)
     assert "top_p" in error_line([f"--out_dir={trained}", "--top_p=0"], capsys)
+
+
+def test_sample_device_and_dtype_errors(trained, capsys):
+    assert "dtype='fp16' is unknown" in error_line([f"--out_dir={trained}", "--dtype=fp16"], capsys)
+    assert "device='foo' is unknown" in error_line([f"--out_dir={trained}", "--device=foo"], capsys)
+
+
+def test_empty_prompt_starts_from_token_zero_unprinted(trained):
+    out = sample([f"--out_dir={trained}", "--start=", "--num_samples=1", "--max_new_tokens=7", "--temperature=0"])
+    assert len(out[0]) == 7

@@ -301,3 +301,135 @@ def test_attention_backend_switch(capsys):
         assert flags() == (True, False, False, True)
     finally:
         b.enable_flash_sdp(before[0]), b.enable_cudnn_sdp(before[1]), b.enable_mem_efficient_sdp(before[2])
+
+
+# ---- review follow-ups: resume bookkeeping, best-only interrupts, auto-prepare, optimizer groups ---------------
+
+def interrupt_at(monkeypatch, step):
+    real_get_lr = train_mod.get_lr
+
+    def get_lr_then_interrupt(it, cfg):
+        if it == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_lr(it, cfg)
+
+    monkeypatch.setattr(train_mod, "get_lr", get_lr_then_interrupt)
+
+
+def test_interrupt_in_last_step_still_gets_final_eval(tiny_flags, tmp_path, monkeypatch):
+    common = tiny_flags + ["--eval_interval=4", "--max_iters=6"]
+    interrupt_at(monkeypatch, 5)
+    with pytest.raises(SystemExit):
+        run(common)
+    monkeypatch.undo()
+    run(common + ["--init_from=resume"])
+    assert sorted(metrics(tmp_path / "out")) == [0, 4, 6]  # no repeat of 4, and the final evaluation happened
+
+
+def test_best_only_interrupt_keeps_best_checkpoint(tiny_flags, tmp_path, monkeypatch):
+    common = tiny_flags + ["--always_save_checkpoint=False", "--eval_interval=4", "--max_iters=9", "--dropout=0.1"]
+    run(common + [f"--out_dir={tmp_path / 'full'}"])
+    interrupt_at(monkeypatch, 6)
+    with pytest.raises(SystemExit):
+        run(common)
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    assert read_checkpoint(out / "ckpt.pt")["iter_num"] == 4  # the best model (step 4) is untouched
+    assert read_checkpoint(out / "last.pt")["iter_num"] == 7  # the resume point
+    run(common + ["--init_from=resume"])
+    assert not (out / "last.pt").exists()
+    a, b = weights(tmp_path / "full"), weights(out)  # both hold their best checkpoint: the same one
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(out)[9]["val_loss"] == metrics(tmp_path / "full")[9]["val_loss"]
+
+
+def test_best_only_saves_on_improvement_and_metrics_are_cut_on_resume(tiny_flags, tmp_path, monkeypatch):
+    vals = iter([3.0, 2.0, 2.5, 1.5, 9.9])  # val losses of the evaluations at steps 0, 2, 4, 6, then resumed 4
+
+    def fake_estimate_loss(model, splits, cfg, ctx):
+        return {"train": 1.0, "val": next(vals)}
+
+    monkeypatch.setattr(train_mod, "estimate_loss", fake_estimate_loss)
+    saved = []
+    real_save = train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint", lambda p, s: (saved.append(s["iter_num"]), real_save(p, s)))
+    flags = tiny_flags + ["--always_save_checkpoint=False", "--eval_interval=2", "--max_iters=6"]
+    run(flags)
+    assert saved == [0, 2, 6]  # not 4, where val got worse
+    # a run resumed from an older best checkpoint drops the evaluations made after it
+    ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
+    ckpt["iter_num"] = ckpt["last_eval_iter"] = 2
+    real_save(tmp_path / "out" / "ckpt.pt", ckpt)
+    run(flags + ["--init_from=resume", "--max_iters=4"])
+    assert sorted(metrics(tmp_path / "out")) == [0, 2, 4]
+    assert metrics(tmp_path / "out")[4]["val_loss"] == 9.9
+
+
+def test_logged_loss_is_a_plain_mean_across_evaluations(tiny_flags, capsys):
+    run(tiny_flags + ["--learning_rate=0", "--min_lr=0", "--eval_interval=5", "--log_interval=4", "--max_iters=12"])
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("step")]
+    assert len(losses) == 3 and max(losses) - min(losses) < 0.2  # lr 0: the loss cannot move
+
+
+def test_resume_float32_checkpoint_in_float16(tiny_flags, tmp_path):
+    run(tiny_flags + ["--max_iters=2"])
+    run(tiny_flags + ["--max_iters=3", "--init_from=resume", "--dtype=float16"])  # the scaler starts fresh
+    assert read_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 3
+
+
+def test_auto_prepare_from_local_input(tmp_path):
+    from conftest import SHAKESPEARE
+    run([f"--data_root={tmp_path / 'data'}", f"--data_input={SHAKESPEARE}", f"--out_dir={tmp_path / 'out'}",
+         "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2", "--max_iters=1",
+         "--eval_iters=1", "--progress=False", "--sample_tokens=0", "--device=cpu"])
+    meta = json.loads((tmp_path / "data" / "shakespeare_char" / "meta.json").read_text())
+    assert meta["vocab_size"] == 65 and meta["train_tokens"] == 1_003_854
+
+
+def test_optimizer_groups_and_grad_clip(tiny_flags, tmp_path):
+    cfg = TrainConfig(weight_decay=0.1)
+    model = GPT(train_mod.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=10))
+    decay, no_decay = train_mod.make_optimizer(model, cfg, "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    run(tiny_flags + ["--max_iters=2", "--grad_clip=0", f"--out_dir={tmp_path / 'a'}"])
+    run(tiny_flags + ["--max_iters=2", "--grad_clip=1e-4", f"--out_dir={tmp_path / 'b'}"])
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n_head=3", "--n_embd=32"], "not divisible by n_head=3"),
+    (["--learning_rate=-1"], "learning_rate=-1.0 must not be negative"),
+    (["--beta2=1.5"], "beta2=1.5 must be in [0, 1)"),
+    (["--device=mps"], "MPS (Apple GPU) is not available"),
+    (["--device=cuda:0"], "sees no CUDA GPU"),
+    (["--device=tpu"], "device='tpu' is unknown"),
+    (["--dtype=fp16"], "dtype='fp16' is unknown"),
+    (["--dataset=common"], "common/train.bin is missing: prepare it first"),
+])
+def test_bad_values_one_line(tiny_flags, tmp_path, capsys, flags, message):
+    assert message in run_main_error(tiny_flags + flags, capsys)
+
+
+def test_broken_meta_fails_before_training(char_data, tmp_path, capsys):
+    import shutil
+    shutil.copytree(char_data / "tiny", tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    for change, message in [({"chars": None}, "needs 'chars'"), ({"dtype": "uint8"}, "dtype='uint8'"),
+                            ({"vocab_size": "65"}, "not a positive integer")]:
+        (tmp_path / "d" / "meta.json").write_text(json.dumps({**meta, **change}))
+        assert message in run_main_error([f"--data_root={tmp_path}", "--dataset=d", "--device=cpu",
+                                          f"--out_dir={tmp_path / 'o'}"], capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_file_that_fails(tmp_path, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("n_layer = 1 +\n")
+    err = run_main_error([str(bad)], capsys)
+    assert err.startswith(f"error: config file {bad} failed: SyntaxError")
+    bad.write_text("n_layer = 1 / 0\n")
+    assert "ZeroDivisionError" in run_main_error([str(bad)], capsys)
