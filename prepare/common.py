@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -169,16 +170,37 @@ def write_meta(data_dir, meta):
     os.replace(tmp, path)
 
 
-def publish(data_dir, writers, meta):
-    """Move the finished .bin files into place, then write meta.json last. The old meta.json
-    goes first: if we die in between, a folder without meta.json reads as unfinished,
+def publish(data_dir, train, val, input_path, meta):
+    """Move the finished .bin files into place, then write meta.json last, with the counts and the source
+    added. The old meta.json goes first: if we die in between, a folder without meta.json reads as unfinished,
     instead of an old meta.json describing new token files."""
+    writers = [train, val]
     empty = [w.path.name for w in writers if w.n_tokens == 0]
     if empty:
         for w in writers:
             w.tmp.unlink(missing_ok=True)
         raise PrepareError(f"{empty[0]} would be empty: the input is too small for this --val_fraction")
+    meta = {**meta, "train_tokens": train.n_tokens, "val_tokens": val.n_tokens,
+            "max_token_id": max(train.max_id, val.max_id), "source": str(input_path),
+            "source_sha256": sha256_file(input_path)}
     (Path(data_dir) / "meta.json").unlink(missing_ok=True)
     for w in writers:
         os.replace(w.tmp, w.path)
     write_meta(data_dir, meta)
+    return meta
+
+
+def run(argv, description, name, url, sha256, write_dataset):
+    """A prepare script's command line: find or download the text, write the dataset, print a summary."""
+    args = make_parser(description, name).parse_args(argv)
+    data_dir = Path(args.data_root) / args.name
+    try:
+        path = fetch_input(name, url, sha256, args.input, data_dir)
+        meta = write_dataset(path, data_dir, args.val_fraction, args.chunk_bytes)
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"vocab size {meta['vocab_size']} ({meta['dtype']}), {meta['train_tokens']:,} train tokens "
+          f"-> {data_dir / 'train.bin'}, {meta['val_tokens']:,} val tokens -> {data_dir / 'val.bin'}, "
+          f"meta -> {data_dir / 'meta.json'}")
+    return meta

@@ -15,8 +15,7 @@ if __package__ in (None, ""):  # run as `python prepare/shakespeare_char.py`: ma
 
 import numpy as np
 
-from prepare.common import (PrepareError, TokenWriter, fetch_input, iter_text, make_parser, publish,
-                            sha256_file, token_dtype)
+from prepare.common import TokenWriter, iter_text, publish, run, token_dtype
 
 NAME = "shakespeare_char"
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -59,29 +58,12 @@ def write_dataset(input_path, data_dir, val_fraction=0.1, chunk_bytes=1 << 20):
         "vocab_size": len(chars),
         "dtype": np.dtype(dtype).name,
         "chars": chars,
-        "train_tokens": train.n_tokens,
-        "val_tokens": val.n_tokens,
-        "max_token_id": max(train.max_id, val.max_id),
-        "source": str(input_path),
-        "source_sha256": sha256_file(input_path),
     }
-    publish(data_dir, [train, val], meta)
-    return meta
+    return publish(data_dir, train, val, input_path, meta)
 
 
 def main(argv=None):
-    args = make_parser(__doc__.splitlines()[0], NAME).parse_args(argv)
-    data_dir = Path(args.data_root) / args.name
-    try:
-        path = fetch_input("tiny-shakespeare", URL, SHA256, args.input, data_dir)
-        meta = write_dataset(path, data_dir, args.val_fraction, args.chunk_bytes)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"vocab size {meta['vocab_size']} ({meta['dtype']}), {meta['train_tokens']:,} train tokens "
-          f"-> {data_dir / 'train.bin'}, {meta['val_tokens']:,} val tokens -> {data_dir / 'val.bin'}, "
-          f"meta -> {data_dir / 'meta.json'}")
-    return meta
+    return run(argv, __doc__.splitlines()[0], NAME, URL, SHA256, write_dataset)
 
 
 if __name__ == "__main__":
