@@ -69,7 +69,7 @@ class TrainConfig:
     eval_interval: int = 250  # evaluate (and checkpoint) every this many steps, and at the end
     eval_iters: int = 50  # batches per split in one evaluation
     log_interval: int = 10  # steps between log lines (each one waits for the GPU once)
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # tqdm progress bar (drawn only when the output is a terminal)
     sample_tokens: int = 200  # length of the sample printed at the end; 0 prints none
     # ---- system
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or e.g. "cuda:1"
@@ -432,7 +432,8 @@ def train(cfg):
         stop["signal"] = signum
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not cfg.progress, dynamic_ncols=True,
+    # disable=None: tqdm draws the bar only on a terminal, so logs written to files stay one line per event
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=None if cfg.progress else True, dynamic_ncols=True,
                unit="step", file=sys.stdout)
     log = bar.write
     loss_sum = torch.zeros((), device=cfg.device)  # summed on the device; read only at log steps
