@@ -75,6 +75,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or e.g. "cuda:1"
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it, else float16 with loss scaling; float32 on CPU
     compile: bool | str = "auto"  # torch.compile the model; "auto" means on for CUDA, off elsewhere
+    cuda_graphs: bool = False  # record the whole step as one CUDA graph and replay it (small models; cuda_graph.py)
     seed: int = 1337  # one seed for model init, batches and dropout
 
 
@@ -105,6 +106,9 @@ def resolve(cfg):
     if cfg.attn_backend not in ATTN_BACKENDS:
         raise UserError(f"attn_backend={cfg.attn_backend!r} is unknown: use one of {', '.join(ATTN_BACKENDS)}")
     cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
+    if cfg.cuda_graphs and (device_type != "cuda" or cfg.dtype == "float16"):
+        raise UserError(f"cuda_graphs=True needs a CUDA device and bfloat16 or float32 (the float16 loss scaler "
+                        f"stops the GPU to skip steps); here device={cfg.device!r}, dtype={cfg.dtype!r}")
     if cfg.compile == "auto":
         cfg.compile = device_type == "cuda"
     if not isinstance(cfg.compile, bool):
@@ -214,7 +218,7 @@ def make_optimizer(model, cfg, device_type):
     ]
     # the fused CUDA kernel updates all parameters in a few launches instead of several per tensor
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type == "cuda")
+                             fused=device_type == "cuda", capturable=cfg.cuda_graphs)
 
 
 # ---- evaluation and monitoring ------------------------------------------------------------------------
@@ -401,6 +405,10 @@ def train(cfg):
     peak = peak_flops(cfg.device)
 
     train_model = torch.compile(model) if cfg.compile else model  # `model` stays uncompiled for saving
+    graphed = None
+    if cfg.cuda_graphs:
+        from cuda_graph import GraphedStep
+        graphed = GraphedStep(train_model, optimizer, cfg.grad_clip, ctx)
 
     def checkpoint_state(iter_num, best_val_loss, last_eval_iter):
         """Everything a resumed run needs to continue exactly: tensors and plain values only."""
@@ -467,21 +475,27 @@ def train(cfg):
 
             # ---- one optimizer step: forward/backward on each micro-batch, then clip and step
             lr = get_lr(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for _ in range(cfg.gradient_accumulation_steps):
-                x, y = get_batch(splits["train"], cfg.batch_size, cfg.block_size, batch_gen, cfg.device)
-                with ctx:
-                    _, loss = train_model(x, y)
-                    loss = loss / cfg.gradient_accumulation_steps  # gradients add up over micro-batches
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is not None:  # the same step, replayed as one CUDA graph (cuda_graph.py)
+                graphed.set_lr(lr)
+                xy = [get_batch(splits["train"], cfg.batch_size, cfg.block_size, batch_gen, cfg.device)
+                      for _ in range(cfg.gradient_accumulation_steps)]
+                loss_sum += graphed(torch.stack([x for x, _ in xy]), torch.stack([y for _, y in xy]))
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                for _ in range(cfg.gradient_accumulation_steps):
+                    x, y = get_batch(splits["train"], cfg.batch_size, cfg.block_size, batch_gen, cfg.device)
+                    with ctx:
+                        _, loss = train_model(x, y)
+                        loss = loss / cfg.gradient_accumulation_steps  # gradients add up over micro-batches
+                    scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
             iter_num += 1
             steps_since_log += 1
             bar.update(1)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"  # /work/shared here; ../shared next to the clone in CI
+# ../shared next to the clone (CI and the dev machines); SOLOGPT_SHARED points elsewhere (e.g. on a GPU box)
+SHARED = Path(os.environ.get("SOLOGPT_SHARED", REPO.parent / "shared"))
 SHAKESPEARE = SHARED / "data" / "shakespeare" / "input.txt"
 
 

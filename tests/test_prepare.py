@@ -9,7 +9,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +17,7 @@ import tiktoken
 from prepare import shakespeare, shakespeare_char
 from prepare.common import PrepareError, TokenWriter, iter_text, token_dtype
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"  # /work/shared here; ../shared next to the clone in CI
-SHAKESPEARE = SHARED / "data" / "shakespeare" / "input.txt"
+from conftest import REPO, SHAKESPEARE, SHARED
 
 
 @pytest.fixture(autouse=True)

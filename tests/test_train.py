@@ -433,3 +433,7 @@ def test_config_file_that_fails(tmp_path, capsys):
     assert err.startswith(f"error: config file {bad} failed: SyntaxError")
     bad.write_text("n_layer = 1 / 0\n")
     assert "ZeroDivisionError" in run_main_error([str(bad)], capsys)
+
+
+def test_cuda_graphs_need_cuda(tiny_flags, capsys):
+    assert "cuda_graphs=True needs a CUDA device" in run_main_error(tiny_flags + ["--cuda_graphs=True"], capsys)
