@@ -101,11 +101,12 @@ def throughput(args):
     name = torch.cuda.get_device_name()
     args.peak = train.peak_flops("cuda") or measured_matmul_peak("cuda")
     print(f"{name}, torch {torch.__version__}, peak {args.peak / 1e12:.0f} TFLOP/s (bf16 dense), "
-          f"block {args.block_size}, compile {args.compile}, attn_backend {args.attn_backend}")
+          f"block {args.block_size}, vocab {args.vocab_size} (pad multiple {args.vocab_pad_multiple}), "
+          f"compile {args.compile}, attn_backend {args.attn_backend}")
     train.set_attention_backend(args.attn_backend)
     print(f"{'model':28s} {'mb':>4} {'tokens/s':>12} {'ms/step':>9} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
     cfg = dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
-               n_embd=args.n_embd)
+               n_embd=args.n_embd, vocab_pad_multiple=args.vocab_pad_multiple)
     for bs in args.batch_sizes:
         torch.manual_seed(0)
         model = GPT(GPTConfig(**cfg))
@@ -150,6 +151,7 @@ def main():
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[12, 16, 32])
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--vocab_size", type=int, default=50304, help="50257 padded to a multiple of 64, as nanoGPT")
+    p.add_argument("--vocab_pad_multiple", type=int, default=1, help="pad the embedding (model.py) instead")
     p.add_argument("--n_layer", type=int, default=12)
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)

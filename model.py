@@ -19,6 +19,8 @@ import torch.nn.functional as F
 class GPTConfig:
     block_size: int = 1024  # longest sequence (learned position embeddings)
     vocab_size: int = 50257  # GPT-2's BPE vocabulary
+    vocab_pad_multiple: int = 1  # round the embedding rows up to a multiple of this: 64 makes the output matmul
+    # a shape the GPU runs fast (measured in README, Performance); the extra rows are never read or predicted
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -26,7 +28,13 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
     attn_impl: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) or "math" (explicit, for reading)
 
+    @property
+    def padded_vocab_size(self):
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
     def __post_init__(self):
+        if self.vocab_pad_multiple < 1:
+            raise ValueError(f"vocab_pad_multiple={self.vocab_pad_multiple} must be at least 1")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick values where it is")
         if self.attn_impl not in ("sdpa", "math"):
@@ -136,13 +144,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings (GPT-2, Press & Wolf 2017)
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale the residual projections by 1/sqrt(number of residual layers),
@@ -195,7 +203,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
+        logits = self.lm_head(x)  # (B, T, padded vocab)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]  # (B, T, vocab): padding rows are not tokens
         loss = None
         if targets is not None:
             # the loss in float32 even under autocast: log-softmax over 50k classes in bf16 loses precision
@@ -253,6 +263,8 @@ class GPT(nn.Module):
             w = hf[hf_name]
             if hf_name.endswith(_CONV1D):  # GPT-2 stores these as Conv1D: (in, out), the transpose of nn.Linear
                 w = w.t()
+            if hf_name == "wte.weight":
+                param = param[:config.vocab_size]  # the real tokens; padding rows keep their init
             if w.shape != param.shape:
                 problems.append(f"{hf_name} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
                 continue
@@ -283,6 +295,8 @@ class GPT(nn.Module):
             if name == "lm_head.weight":
                 continue
             t = t.detach().float().cpu()
+            if name == "transformer.wte.weight":
+                t = t[:c.vocab_size]  # without vocab padding
             tensors[name] = (t.t() if name.endswith(_CONV1D) else t).contiguous()
         try:
             from safetensors.torch import save_file

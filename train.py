@@ -52,6 +52,7 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (the explicit formula)
+    vocab_pad_multiple: int = 1  # round the embedding up to a multiple of this (64: faster on GPUs; README)
     attn_backend: str = "auto"  # CUDA kernel behind sdpa: "auto" (PyTorch picks), "flash", "cudnn" or "efficient"
     # ---- optimizer: AdamW, decoupled weight decay on matrices only
     learning_rate: float = 6e-4  # peak learning rate
@@ -82,7 +83,7 @@ class TrainConfig:
 def resolve(cfg):
     """Check values and fill in the derived ones ("auto" device, dtype, compile; lr_decay_iters)."""
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                "log_interval", "n_layer", "n_head", "n_embd"):
+                "log_interval", "n_layer", "n_head", "n_embd", "vocab_pad_multiple"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens"):
@@ -289,7 +290,7 @@ def load_checkpoint(path):
         raise UserError(str(e))
 
 
-SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple")
 
 
 def check_same_shape(ckpt_config, model_config, path):
@@ -297,10 +298,10 @@ def check_same_shape(ckpt_config, model_config, path):
         raise UserError(f"{path} holds a model for {ckpt_config['vocab_size']} tokens but the dataset's meta.json "
                         f"says {model_config.vocab_size}: resume on the dataset the checkpoint was trained on")
     for key in SHAPE_FIELDS:
-        if ckpt_config[key] != getattr(model_config, key):
-            raise UserError(f"{path} holds a model with {key}={ckpt_config[key]!r} but the config asks for "
-                            f"{key}={getattr(model_config, key)!r}: set --{key}={ckpt_config[key]!r} "
-                            f"or use another out_dir")
+        saved = ckpt_config.get(key, getattr(GPTConfig(), key))  # a field newer than the checkpoint: its default
+        if saved != getattr(model_config, key):
+            raise UserError(f"{path} holds a model with {key}={saved!r} but the config asks for "
+                            f"{key}={getattr(model_config, key)!r}: set --{key}={saved!r} or use another out_dir")
 
 
 def write_json(path, obj):
@@ -343,7 +344,7 @@ def train(cfg):
                     setattr(cfg, key, ckpt["model_config"][key])
         model_config = GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                                 attn_impl=cfg.attn_impl)
+                                 attn_impl=cfg.attn_impl, vocab_pad_multiple=cfg.vocab_pad_multiple)
         model = GPT(model_config)
         if ckpt is not None:
             check_same_shape(ckpt["model_config"], model_config, resume_path)
@@ -353,7 +354,8 @@ def train(cfg):
             raise UserError(f"GPT-2 weights need GPT-2 tokens, but {cfg.dataset} uses tokenizer "
                             f"{meta['tokenizer']!r}: prepare the text with prepare/shakespeare.py (BPE)")
         try:
-            model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, attn_impl=cfg.attn_impl)
+            model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, attn_impl=cfg.attn_impl,
+                                        vocab_pad_multiple=cfg.vocab_pad_multiple)
         except ValueError as e:
             raise UserError(str(e))
         if cfg.block_size > model.config.block_size:

@@ -450,3 +450,48 @@ def test_read_checkpoint_wrong_format(tmp_path):
     torch.save([1, 2, 3], f)
     with pytest.raises(ValueError, match="not a sologpt checkpoint"):
         read_checkpoint(f)
+
+
+# ---- vocabulary padding ------------------------------------------------------------------------------------
+
+def test_vocab_padding_computes_the_same_function():
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(**{**TINY, "vocab_size": 50}))
+    padded = GPT(GPTConfig(**{**TINY, "vocab_size": 50, "vocab_pad_multiple": 64}))
+    assert padded.transformer.wte.weight.shape == (64, 32) and padded.lm_head.weight is padded.transformer.wte.weight
+    with torch.no_grad():
+        for (name, p), q in zip(plain.named_parameters(), padded.parameters()):
+            (q[:50] if name == "transformer.wte.weight" else q).copy_(p)
+    idx = torch.randint(50, (2, 16))
+    targets = torch.randint(50, (2, 16))
+    la, loss_a = plain(idx, targets)
+    lb, loss_b = padded(idx, targets)
+    assert lb.shape == (2, 16, 50)  # padding columns are never shown to the loss or the sampler
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(loss_a, loss_b)
+    loss_a.backward()
+    loss_b.backward()
+    for (name, p), q in zip(plain.named_parameters(), padded.parameters()):
+        g = q.grad[:50] if name == "transformer.wte.weight" else q.grad
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+    assert torch.all(padded.transformer.wte.weight.grad[50:] == 0)  # padding rows learn nothing
+    out_a = plain.generate(idx[:, :4], 8, temperature=0)
+    assert torch.equal(out_a, padded.generate(idx[:, :4], 8, temperature=0))
+
+
+def test_vocab_padding_with_gpt2_import_and_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32,
+                                                              vocab_size=100)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = GPT.from_pretrained(tmp_path / "hf", vocab_pad_multiple=64).eval()
+    assert ours.transformer.wte.weight.shape == (128, 32)
+    idx = torch.randint(100, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=1e-4)
+    ours.save_pretrained(tmp_path / "out")  # exported without the padding rows
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    assert back.transformer.wte.weight.shape == (100, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx).logits, hf(idx).logits, atol=1e-5, rtol=1e-4)

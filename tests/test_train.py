@@ -441,3 +441,12 @@ def test_cuda_graphs_need_cuda(tiny_flags, capsys):
     cfg = load_config(TrainConfig, tiny_flags + ["--cuda_graphs=auto"])
     train_mod.resolve(cfg)
     assert cfg.cuda_graphs is False  # auto on a CPU: off
+
+
+def test_vocab_padding_run_and_resume_check(tiny_flags, tmp_path, capsys):
+    run(tiny_flags + ["--max_iters=2", "--vocab_pad_multiple=64"])
+    ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
+    rows, vocab = ckpt["model"]["transformer.wte.weight"].shape[0], ckpt["model_config"]["vocab_size"]
+    assert rows % 64 == 0 and vocab < rows < vocab + 64
+    err = run_main_error(tiny_flags + ["--init_from=resume"], capsys)
+    assert "vocab_pad_multiple=64" in err and "vocab_pad_multiple=1" in err
