@@ -8,8 +8,8 @@ micro-batch, gradient clipping, the fused AdamW update) once, then replays them 
 What a graph needs, and how this module provides it:
 - fixed memory addresses: batches are copied into static input buffers; gradients, activations and the loss
   live in the graph's private memory pool; the learning rate is a tensor the step reads (set_lr fills it);
-- no host synchronisation inside the step: fused AdamW with capturable=True, clipping without .item(),
-  no float16 GradScaler (it syncs to skip steps), so only bfloat16 or float32;
+- no host synchronisation inside the step: fused AdamW with capturable=True, clipping without .item();
+  float16 loss scaling is not captured here, so only bfloat16 or float32;
 - warm-up before capture (cuBLAS handles, lazily created optimizer state): the first `warmup` steps run
   eagerly on a side stream. They are real training steps, so nothing is thrown away.
 Dropout works: PyTorch advances the CUDA random generator's offset on every replay.
@@ -20,14 +20,15 @@ import torch
 
 class GraphedStep:
     def __init__(self, model, optimizer, grad_clip, ctx, warmup=3):
+        if warmup < 1:  # AdamW creates its state on the first step: that must not happen inside the capture
+            raise ValueError("GraphedStep needs at least one warm-up step")
         self.model, self.optimizer, self.grad_clip, self.ctx, self.warmup = model, optimizer, grad_clip, ctx, warmup
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.calls = 0
         self.graph = self.x = self.y = self.loss = None
         device = self.params[0].device
         for group in optimizer.param_groups:  # the graph must read the learning rate from device memory
-            if not torch.is_tensor(group["lr"]):
-                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
     def set_lr(self, lr):
         for group in self.optimizer.param_groups:

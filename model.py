@@ -168,9 +168,10 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
-        """Parameter count. The tied token embedding counts once; position embeddings are left out
-        by default because they cost no matmul FLOPs."""
+        """Parameter count. The tied token embedding counts once, without vocabulary padding rows; position
+        embeddings are left out by default because they cost no matmul FLOPs."""
         n = sum(p.numel() for p in self.parameters())
+        n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd  # padding rows
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
         return n
@@ -242,7 +243,7 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, **overrides):
         """Load a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin), any size.
-        overrides (e.g. dropout, attn_impl) change GPTConfig fields that do not alter the weights' shapes."""
+        overrides set other GPTConfig fields: dropout, attn_impl, vocab_pad_multiple (which adds embedding rows)."""
         path = Path(path)
         hf_config = _read_hf_config(path)
         config = GPTConfig(block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"],

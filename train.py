@@ -290,7 +290,7 @@ def load_checkpoint(path):
         raise UserError(str(e))
 
 
-SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple")
+SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
 
 
 def check_same_shape(ckpt_config, model_config, path):
@@ -302,6 +302,11 @@ def check_same_shape(ckpt_config, model_config, path):
         if saved != getattr(model_config, key):
             raise UserError(f"{path} holds a model with {key}={saved!r} but the config asks for "
                             f"{key}={getattr(model_config, key)!r}: set --{key}={saved!r} or use another out_dir")
+    saved = GPTConfig(**ckpt_config)
+    if saved.padded_vocab_size != model_config.padded_vocab_size:
+        raise UserError(f"{path} holds an embedding of {saved.padded_vocab_size} rows (vocab_pad_multiple="
+                        f"{saved.vocab_pad_multiple}) but the config makes {model_config.padded_vocab_size}: set "
+                        f"--vocab_pad_multiple={saved.vocab_pad_multiple} or use another out_dir")
 
 
 def write_json(path, obj):
@@ -320,6 +325,7 @@ def train(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (only matters for fp32)
         torch.backends.cudnn.allow_tf32 = True
         set_attention_backend(cfg.attn_backend)
+        torch.cuda.set_device(cfg.device)  # streams and CUDA graphs use the current device: make it this one
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 
@@ -382,6 +388,9 @@ def train(cfg):
     if ckpt is not None:
         init_source = ckpt["init_source"]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # the saved groups may come from a run with or without CUDA graphs
+            group["lr"] = float(group["lr"])
+            group["capturable"] = cfg.cuda_graphs
         if ckpt["scaler"]:  # empty when the checkpoint's run did not use float16
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]

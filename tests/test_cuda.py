@@ -48,6 +48,33 @@ def test_cuda_graph_with_dropout_compile_and_resume(gpu_flags, tmp_path):
     assert read_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 16
 
 
+def test_resume_across_graph_modes_keeps_the_schedule(gpu_flags, tmp_path):
+    """A checkpoint from an eager run resumed with graphs, and back, follows the same learning-rate schedule as
+    eager resumes (a graph that froze the learning rate at capture would drift away)."""
+    import shutil
+    common = gpu_flags + ["--dtype=float32", "--warmup_iters=0", "--learning_rate=1e-2", "--min_lr=0"]
+    run(common + ["--max_iters=8", f"--out_dir={tmp_path / 'a'}"])
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    run(common + ["--max_iters=16", "--lr_decay_iters=16", f"--out_dir={tmp_path / 'a'}", "--init_from=resume",
+                  "--cuda_graphs=True"])
+    run(common + ["--max_iters=16", "--lr_decay_iters=16", f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    for it in (12, 16):
+        assert abs(a[it]["val_loss"] - b[it]["val_loss"]) < 1e-3
+    ckpt = read_checkpoint(tmp_path / "a" / "ckpt.pt")
+    assert ckpt["optimizer"]["param_groups"][0]["capturable"] is True
+    run(common + ["--max_iters=20", "--lr_decay_iters=16", f"--out_dir={tmp_path / 'a'}", "--init_from=resume"])
+
+
+def test_cuda_graphs_on_the_current_device_only(gpu_flags, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    flags = [f for f in gpu_flags if f != "--device=cuda"] + ["--device=cuda:1", "--cuda_graphs=True"]
+    run(flags)
+    m = metrics(tmp_path / "out")
+    assert m[12]["val_loss"] < m[0]["val_loss"] - 0.3
+
+
 def test_float16_with_loss_scaling(gpu_flags, tmp_path):
     run(gpu_flags + ["--dtype=float16"])
     ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
