@@ -325,7 +325,8 @@ def train(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (only matters for fp32)
         torch.backends.cudnn.allow_tf32 = True
         set_attention_backend(cfg.attn_backend)
-        torch.cuda.set_device(cfg.device)  # streams and CUDA graphs use the current device: make it this one
+        if ":" in cfg.device:  # streams and CUDA graphs use the current device: make it this one
+            torch.cuda.set_device(torch.device(cfg.device))
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 
