@@ -76,7 +76,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or e.g. "cuda:1"
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it, else float16 with loss scaling; float32 on CPU
     compile: bool | str = "auto"  # torch.compile the model; "auto" means on for CUDA, off elsewhere
-    cuda_graphs: bool | str = False  # replay each step as one CUDA graph (cuda_graph.py); "auto": CUDA, not fp16
+    cuda_graphs: bool | str = False  # replay each step as one CUDA graph (cuda_graph.py); "auto": on if possible
     seed: int = 1337  # one seed for model init, batches and dropout
 
 
@@ -107,13 +107,15 @@ def resolve(cfg):
     if cfg.attn_backend not in ATTN_BACKENDS:
         raise UserError(f"attn_backend={cfg.attn_backend!r} is unknown: use one of {', '.join(ATTN_BACKENDS)}")
     cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
+    graphable = device_type == "cuda" and cfg.dtype != "float16" and cfg.device in ("cuda", "cuda:0")
     if cfg.cuda_graphs == "auto":
-        cfg.cuda_graphs = device_type == "cuda" and cfg.dtype != "float16"
+        cfg.cuda_graphs = graphable
     if not isinstance(cfg.cuda_graphs, bool):
         raise UserError(f"cuda_graphs={cfg.cuda_graphs!r} is unknown: use True, False or 'auto'")
-    if cfg.cuda_graphs and (device_type != "cuda" or cfg.dtype == "float16"):
-        raise UserError(f"cuda_graphs=True needs a CUDA device and bfloat16 or float32 (the float16 loss scaler "
-                        f"stops the GPU to skip steps); here device={cfg.device!r}, dtype={cfg.dtype!r}")
+    if cfg.cuda_graphs and not graphable:
+        raise UserError(f"cuda_graphs=True needs device cuda (cuda:0; pick another card with CUDA_VISIBLE_DEVICES) "
+                        f"and bfloat16 or float32 (float16 loss scaling is not captured); here device="
+                        f"{cfg.device!r}, dtype={cfg.dtype!r}")
     if cfg.compile == "auto":
         cfg.compile = device_type == "cuda"
     if not isinstance(cfg.compile, bool):

@@ -66,11 +66,14 @@ def test_resume_across_graph_modes_keeps_the_schedule(gpu_flags, tmp_path):
     run(common + ["--max_iters=20", "--lr_decay_iters=16", f"--out_dir={tmp_path / 'a'}", "--init_from=resume"])
 
 
-def test_cuda_graphs_on_the_current_device_only(gpu_flags, tmp_path):
+def test_cuda_graphs_only_on_the_first_visible_gpu(gpu_flags, tmp_path, capsys):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    flags = [f for f in gpu_flags if f != "--device=cuda"] + ["--device=cuda:1", "--cuda_graphs=True"]
-    run(flags)
+    flags = [f for f in gpu_flags if f != "--device=cuda"] + ["--device=cuda:1"]
+    with pytest.raises(SystemExit):
+        train_mod.main(flags + ["--cuda_graphs=True"])
+    assert "CUDA_VISIBLE_DEVICES" in capsys.readouterr().err
+    run(flags + ["--cuda_graphs=auto"])  # auto: off on cuda:1, trains eagerly there
     m = metrics(tmp_path / "out")
     assert m[12]["val_loss"] < m[0]["val_loss"] - 0.3
 

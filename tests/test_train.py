@@ -436,7 +436,7 @@ def test_config_file_that_fails(tmp_path, capsys):
 
 
 def test_cuda_graphs_need_cuda(tiny_flags, capsys):
-    assert "cuda_graphs=True needs a CUDA device" in run_main_error(tiny_flags + ["--cuda_graphs=True"], capsys)
+    assert "cuda_graphs=True needs device cuda" in run_main_error(tiny_flags + ["--cuda_graphs=True"], capsys)
     assert "cuda_graphs='yes' is unknown" in run_main_error(tiny_flags + ["--cuda_graphs=yes"], capsys)
     cfg = load_config(TrainConfig, tiny_flags + ["--cuda_graphs=auto"])
     train_mod.resolve(cfg)
