@@ -50,10 +50,8 @@ def bench_model(name, model, flops_per_token, args, batch_size, hf=False):
     device = "cuda"
     T = args.block_size
     model.to(device).train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=6e-4, betas=(0.9, 0.95), fused=True)
+    import train
+    opt = train.make_optimizer(model, train.TrainConfig(), "cuda")  # fused AdamW, as train.py makes it
     fwd = torch.compile(model) if args.compile else model
     gen = torch.Generator(device=device).manual_seed(0)
     vocab = 50257  # real token ids only, also when the embedding is padded
@@ -86,8 +84,6 @@ def bench_model(name, model, flops_per_token, args, batch_size, hf=False):
     except torch.OutOfMemoryError:
         print(f"{name:28s} {batch_size:>4}   out of memory")
         return
-    finally:
-        del opt
     tok_s = batch_size * T / dt
     tflops = flops_per_token * tok_s / 1e12
     mem = torch.cuda.max_memory_allocated() / 2**30

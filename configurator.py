@@ -117,3 +117,20 @@ def print_config(cfg, title):
     print(f"{title}:")
     for key, value in dataclasses.asdict(cfg).items():
         print(f"  {key} = {value!r}")
+
+
+def autocast_context(device_type, dtype):
+    """Mixed precision for the forward pass: autocast to bfloat16/float16, or nothing for float32."""
+    import torch
+    from contextlib import nullcontext
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type, dtype=getattr(torch, dtype))
+
+
+def resolve_auto_bool(key, value, auto_value):
+    """A field that takes True, False or "auto" (replaced by auto_value)."""
+    value = auto_value if value == "auto" else value
+    if not isinstance(value, bool):
+        raise UserError(f"{key}={value!r} is unknown: use True, False or 'auto'")
+    return value

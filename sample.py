@@ -7,14 +7,13 @@ Reads out_dir/ckpt.pt (weights_only=True) and the tokenizer from out_dir/meta.js
 """
 
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import tokenizer as tok
-from configurator import UserError, load_config, resolve_device
+from configurator import UserError, autocast_context, load_config, resolve_device
 from model import GPT, read_checkpoint
 
 
@@ -73,8 +72,7 @@ def sample(cfg):
     cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or (cfg.top_k is not None and cfg.top_k < 1):
         raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1 (or None)")
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    ctx = autocast_context(device_type, cfg.dtype)
 
     model, enc = load_model(cfg, cfg.device)
     prompt, skip = encode_prompt(cfg, enc)

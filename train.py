@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import UserError, load_config, print_config, resolve_device
+from configurator import UserError, autocast_context, load_config, print_config, resolve_auto_bool, resolve_device
 from model import CKPT_FORMAT_VERSION, GPT, GPTConfig, read_checkpoint
 import tokenizer as tok
 
@@ -108,18 +107,12 @@ def resolve(cfg):
         raise UserError(f"attn_backend={cfg.attn_backend!r} is unknown: use one of {', '.join(ATTN_BACKENDS)}")
     cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
     graphable = device_type == "cuda" and cfg.dtype != "float16" and cfg.device in ("cuda", "cuda:0")
-    if cfg.cuda_graphs == "auto":
-        cfg.cuda_graphs = graphable
-    if not isinstance(cfg.cuda_graphs, bool):
-        raise UserError(f"cuda_graphs={cfg.cuda_graphs!r} is unknown: use True, False or 'auto'")
+    cfg.cuda_graphs = resolve_auto_bool("cuda_graphs", cfg.cuda_graphs, graphable)
     if cfg.cuda_graphs and not graphable:
         raise UserError(f"cuda_graphs=True needs device cuda (cuda:0; pick another card with CUDA_VISIBLE_DEVICES) "
                         f"and bfloat16 or float32 (float16 loss scaling is not captured); here device="
                         f"{cfg.device!r}, dtype={cfg.dtype!r}")
-    if cfg.compile == "auto":
-        cfg.compile = device_type == "cuda"
-    if not isinstance(cfg.compile, bool):
-        raise UserError(f"compile={cfg.compile!r} is unknown: use True, False or 'auto'")
+    cfg.compile = resolve_auto_bool("compile", cfg.compile, device_type == "cuda")
     if cfg.lr_decay_iters == 0:
         cfg.lr_decay_iters = cfg.max_iters
     return device_type
@@ -329,8 +322,7 @@ def train(cfg):
         set_attention_backend(cfg.attn_backend)
         if ":" in cfg.device:  # streams and CUDA graphs use the current device: make it this one
             torch.cuda.set_device(torch.device(cfg.device))
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    ctx = autocast_context(device_type, cfg.dtype)
 
     splits, meta, enc, max_id = load_dataset(cfg)
     out_dir = Path(cfg.out_dir)
