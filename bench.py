@@ -98,7 +98,7 @@ def throughput(args):
     args.peak = train.peak_flops("cuda") or measured_matmul_peak("cuda")
     print(f"{name}, torch {torch.__version__}, peak {args.peak / 1e12:.0f} TFLOP/s (bf16 dense), "
           f"block {args.block_size}, vocab {args.vocab_size} (pad multiple {args.vocab_pad_multiple}), "
-          f"compile {args.compile}, attn_backend {args.attn_backend}")
+          f"compile {args.compile}, attn_backend {args.attn_backend}, fp8 {args.fp8}")
     train.set_attention_backend(args.attn_backend)
     print(f"{'model':28s} {'mb':>4} {'tokens/s':>12} {'ms/step':>9} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
     cfg = dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
@@ -106,7 +106,10 @@ def throughput(args):
     for bs in args.batch_sizes:
         torch.manual_seed(0)
         model = GPT(GPTConfig(**cfg))
-        bench_model("sologpt", model, model.flops_per_token(args.block_size), args, bs)
+        if args.fp8:
+            import fp8
+            fp8.convert_to_fp8(model)
+        bench_model("sologpt" + (" fp8" if args.fp8 else ""), model, model.flops_per_token(args.block_size), args, bs)
         del model
         torch.cuda.empty_cache()
         if args.hf:
@@ -153,6 +156,7 @@ def main():
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--eager", action="store_true", help="skip torch.compile")
     p.add_argument("--attn_backend", default="auto")
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (fp8.py), Hopper-class GPUs")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--hf", action="store_true", help="also time transformers' GPT2LMHeadModel")

@@ -1,0 +1,104 @@
+"""FP8 matmuls for training on Hopper-class GPUs (compute capability 8.9+): an option, `fp8 = True` in train.py.
+
+Every nn.Linear inside the transformer blocks becomes an FP8Linear: same parameters (fp32 master weights, the
+same state_dict keys, so checkpoints are unchanged), but its three matmuls (forward, grad of input, grad of
+weight) run in 8-bit floating point through torch._scaled_mm, which on an H100/H200 has twice the bf16 peak.
+
+Scaling is per tensor and dynamic: each operand is multiplied by (largest finite fp8 value / its absmax) before
+the cast, so it uses the format's whole range, and _scaled_mm multiplies the result back. Activations and weights
+use e4m3 (more mantissa), gradients e5m2 (more range), the usual split (Micikevicius et al. 2022, "FP8 Formats
+for Deep Learning"). The forward saves the fp8 copies for backward, which also halves what the layer keeps.
+
+The numbers differ from bf16 (3 mantissa bits instead of 7), so this is not the same function: tests check it
+stays close to the plain path, and the README reports the loss it reaches.
+"""
+
+import torch
+import torch.nn as nn
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def to_fp8(x, dtype):
+    """x -> (fp8 tensor, inverse scale): x ~= fp8.float() * inverse scale."""
+    amax = x.detach().abs().amax().float().clamp(min=1e-12)
+    scale = torch.finfo(dtype).max / amax
+    return (x.float() * scale).to(dtype), scale.reciprocal()
+
+
+def column_major(t):
+    """The same matrix with column-major memory layout, which _scaled_mm needs for its second operand."""
+    return t.t().contiguous().t()
+
+
+class _FP8Matmul(torch.autograd.Function):
+    """y = x @ w.T with x (M, K) and w (N, K), all three matmuls in fp8."""
+
+    @staticmethod
+    def forward(ctx, x, w, out_dtype):
+        x8, x_inv = to_fp8(x, E4M3)
+        w8, w_inv = to_fp8(w, E4M3)
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.out_dtype, ctx.w_dtype = out_dtype, w.dtype
+        # w8 is (N, K) row-major, so w8.t() is the column-major (K, N) operand _scaled_mm wants
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)  # (M, N)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        g8, g_inv = to_fp8(grad_y, E5M2)  # (M, N)
+        # dL/dx = grad_y @ w: (M, N) @ (N, K)
+        grad_x = torch._scaled_mm(g8, column_major(w8), scale_a=g_inv, scale_b=w_inv, out_dtype=ctx.out_dtype)
+        # dL/dw = grad_y.T @ x: (N, M) @ (M, K), in the master weights' dtype
+        grad_w = torch._scaled_mm(g8.t().contiguous(), column_major(x8), scale_a=g_inv, scale_b=x_inv,
+                                  out_dtype=ctx.w_dtype)
+        return grad_x, grad_w, None
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear whose matmuls run in fp8; out_dtype is what autocast would have produced (bf16 on the GPU)."""
+
+    out_dtype = torch.bfloat16
+
+    def forward(self, x):
+        shape = x.shape
+        y = _FP8Matmul.apply(x.reshape(-1, shape[-1]), self.weight, self.out_dtype)  # (B*T, out)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], -1)  # (B, T, out)
+
+
+def convert_to_fp8(model, out_dtype=torch.bfloat16):
+    """Make every nn.Linear in the transformer blocks an FP8Linear, in place. The tied lm_head / embedding stays
+    in bf16: it is also the embedding table, and the logits are where low precision hurts the loss most.
+    Returns the number of layers converted."""
+    n = 0
+    for module in model.transformer.h.modules():
+        if type(module) is nn.Linear:
+            if module.in_features % 16 or module.out_features % 16:  # _scaled_mm needs multiples of 16
+                raise ValueError(f"fp8 needs layer widths that are multiples of 16, got {module.in_features} x "
+                                 f"{module.out_features}: pick n_embd as a multiple of 16")
+            module.__class__ = FP8Linear  # same parameters and state_dict keys, new forward
+            module.out_dtype = out_dtype
+            n += 1
+    return n
+
+
+def check_fp8_device(device):
+    """One clear line when this card or build cannot run fp8 matmuls."""
+    if not str(device).startswith("cuda"):
+        raise ValueError(f"fp8=True needs a CUDA GPU (device={device}): set fp8=False")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ValueError(f"fp8=True needs compute capability 8.9+ (Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}: set fp8=False")
+
+
+def reference_linear(x, w, b=None):
+    """What FP8Linear computes, written out in float32 (for tests): round both operands to e4m3 with the same
+    per-tensor scales, then an ordinary matmul."""
+    x8, x_inv = to_fp8(x, E4M3)
+    w8, w_inv = to_fp8(w, E4M3)
+    y = (x8.float() * x_inv) @ (w8.float() * w_inv).t()
+    return y if b is None else y + b
+

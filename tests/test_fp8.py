@@ -1,0 +1,82 @@
+"""fp8.py on the CPU (torch._scaled_mm has a CPU kernel): FP8Linear computes what its float32 write-up says,
+stays close to the plain model, keeps the checkpoint keys, and train.py refuses fp8 where it cannot run."""
+
+import pytest
+import torch
+
+import fp8
+from model import GPT, GPTConfig
+from train import TrainConfig, resolve
+from configurator import UserError
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=128))
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (4, 32), generator=g), torch.randint(0, 128, (4, 32), generator=g)
+
+
+def test_forward_equals_float32_write_up():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(5, 7, 64)
+    expected = fp8.reference_linear(x.reshape(-1, 64), lin.weight, lin.bias).view(5, 7, 48)
+    lin.__class__, lin.out_dtype = fp8.FP8Linear, torch.float32
+    torch.testing.assert_close(lin(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scaling_uses_the_whole_range():
+    x = torch.randn(100) * 1e-4  # tiny values would underflow e4m3 without the scale
+    x8, inv = fp8.to_fp8(x, fp8.E4M3)
+    assert x8.float().abs().max() == torch.finfo(fp8.E4M3).max
+    rel = ((x8.float() * inv - x).abs() / x.abs()).max()
+    assert rel < 2 ** -3  # e4m3 keeps 3 mantissa bits: rounding error below 1/16 (1/8 with subnormals' margin)
+
+
+def test_model_stays_close_to_plain_path_and_keeps_keys():
+    plain, low = tiny_model(), tiny_model()
+    keys = list(plain.state_dict())
+    assert fp8.convert_to_fp8(low, torch.float32) == 8  # 4 Linear layers per block, 2 blocks
+    assert list(low.state_dict()) == keys
+    x, y = batch()
+    _, l0 = plain(x, y)
+    _, l1 = low(x, y)
+    l0.backward()
+    l1.backward()
+    assert abs(l1.item() - l0.item()) < 0.01 * l0.item()
+    g0 = torch.cat([p.grad.flatten() for p in plain.parameters()])
+    g1 = torch.cat([p.grad.flatten() for p in low.parameters()])
+    assert (g1 - g0).norm() / g0.norm() < 0.15  # fp8 rounding noise, not a different function
+    assert torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.99
+
+
+def test_fp8_training_lowers_the_loss():
+    model = tiny_model()
+    fp8.convert_to_fp8(model, torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, y = batch()
+    losses = []
+    for _ in range(30):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_widths_must_be_multiples_of_16():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=40, block_size=8, vocab_size=32))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fp8.convert_to_fp8(model)
+
+
+def test_train_refuses_fp8_on_cpu():
+    cfg = TrainConfig(device="cpu", fp8=True)
+    with pytest.raises(UserError, match="fp8=True needs a CUDA GPU"):
+        resolve(cfg)
