@@ -27,6 +27,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
     attn_impl: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) or "math" (explicit, for reading)
+    n_classes: int = 0  # > 0 adds a classification head: forward then returns (B, n_classes) logits (task "classify")
+    cls_pool: str = "last"  # what the head reads: the "last" real token's hidden state, or the "mean" over tokens
 
     @property
     def padded_vocab_size(self):
@@ -39,6 +41,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick values where it is")
         if self.attn_impl not in ("sdpa", "math"):
             raise ValueError(f"attn_impl={self.attn_impl!r} is unknown: use 'sdpa' or 'math'")
+        if self.cls_pool not in ("last", "mean"):
+            raise ValueError(f"cls_pool={self.cls_pool!r} is unknown: use 'last' or 'mean'")
 
 
 class KVCache:
@@ -152,6 +156,9 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings (GPT-2, Press & Wolf 2017)
+        if config.n_classes > 0:
+            self.cls_head = nn.Linear(config.n_embd, config.n_classes)
+        self.grad_checkpointing = 0  # k > 0: recompute every k-th block's activations in backward (train.py sets it)
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale the residual projections by 1/sqrt(number of residual layers),
         # so the residual stream's variance does not grow with depth (two residual adds per block)
@@ -190,20 +197,14 @@ class GPT(nn.Module):
         T = seq_len or c.block_size
         return 6 * self.num_params() + 12 * c.n_layer * T * c.n_embd
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, lengths=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). targets of -1 are ignored.
-        With a kv_cache, idx holds only the new tokens and positions continue from the cache."""
-        B, T = idx.shape
-        past = kv_cache.pos if kv_cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += T
-        x = self.transformer.ln_f(x)
+        With a kv_cache, idx holds only the new tokens and positions continue from the cache.
+        A classifier (n_classes > 0) returns (B, n_classes) logits instead; lengths (B,) counts each row's real
+        tokens (the rest is right padding) and targets (B,) are class ids."""
+        x = self.hidden_states(idx, kv_cache)  # (B, T, C)
+        if self.config.n_classes > 0:
+            return self.classify(x, targets, lengths)
         logits = self.lm_head(x)  # (B, T, padded vocab)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., :self.config.vocab_size]  # (B, T, vocab): padding rows are not tokens
@@ -213,10 +214,60 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def hidden_states(self, idx, kv_cache=None):
+        """The final (layer-normed) hidden state of every position: (B, T) -> (B, T, C)."""
+        B, T = idx.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        k = self.grad_checkpointing
+        for i, block in enumerate(self.transformer.h):
+            if k and self.training and i % k == 0 and torch.is_grad_enabled():
+                # keep only this block's input; its activations are recomputed in backward (Chen et al. 2016)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def classify(self, x, targets=None, lengths=None):
+        """Class logits from hidden states x (B, T, C): the last real token sees the whole text through causal
+        attention; "mean" averages the real positions instead. Right padding never reaches real tokens."""
+        B, T, _ = x.shape
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
+        if self.config.cls_pool == "last":
+            pooled = x[torch.arange(B, device=x.device), lengths - 1]  # (B, C)
+        else:
+            mask = (torch.arange(T, device=x.device)[None, :] < lengths[:, None]).to(x.dtype)  # (B, T)
+            pooled = (x * mask[..., None]).sum(1) / lengths[:, None].to(x.dtype)  # (B, C)
+        logits = self.cls_head(pooled)  # (B, n_classes)
+        loss = None if targets is None else F.cross_entropy(logits.float(), targets)
+        return logits, loss
+
+    def resize_vocab(self, vocab_size):
+        """Grow the token embedding (and the tied output head) to vocab_size tokens, e.g. for domain tokens added
+        to GPT-2's tokenizer. New rows start at the mean of the existing ones: an 'average token' whose logit is
+        average too, instead of random rows that would take probability mass at random (Hewitt 2021)."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size} tokens")
+        self.config.vocab_size = vocab_size
+        w = self.transformer.wte.weight
+        new = torch.empty(self.config.padded_vocab_size, w.size(1), dtype=w.dtype, device=w.device)  # (V', C)
+        with torch.no_grad():
+            new[:old] = w[:old]
+            new[old:] = w[:old].mean(dim=0)
+        self.transformer.wte.weight = nn.Parameter(new)
+        self.lm_head.weight = self.transformer.wte.weight  # keep them tied
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  generator=None):
-        """Extend idx (B, T) by max_new_tokens tokens. temperature 0 picks the most likely token (greedy).
+        """Extend idx (B, T) by max_new_tokens tokens (language models only). temperature 0 picks the most likely token (greedy).
         top_k keeps the k most likely tokens; top_p keeps the smallest set whose probability reaches p.
         With use_cache the prompt runs once (prefill) and each new token costs one position. Past block_size
         the model only sees the last block_size tokens, exactly as without the cache (the cache is then refilled
@@ -255,7 +306,7 @@ class GPT(nn.Module):
         sd = model.state_dict()
         problems = []
         for name, param in sd.items():
-            if name == "lm_head.weight":  # tied to wte
+            if name == "lm_head.weight" or name.startswith("cls_head."):  # tied to wte; a new head starts at init
                 continue
             hf_name = name.removeprefix("transformer.")
             if hf_name not in hf:
@@ -281,6 +332,8 @@ class GPT(nn.Module):
         c = self.config
         if c.bias is False:
             raise ValueError("a model with bias=False cannot be exported as GPT-2, which has biases")
+        if c.n_classes > 0:
+            raise ValueError("a classifier (n_classes > 0) cannot be exported as GPT2LMHeadModel")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,

@@ -4,6 +4,8 @@
     python sample.py --out_dir=out-small --start=FILE:prompt.txt --temperature=0
 
 Reads out_dir/ckpt.pt (weights_only=True) and the tokenizer from out_dir/meta.json, which train.py copies there.
+Any checkpoint kind loads: a full model, a LoRA run (its base is rebuilt and the adapters merged in) or a quantized
+file (--ckpt=out/ckpt_int8.pt). A classifier (train.py task="classify") prints each prompt line's label instead.
 """
 
 import sys
@@ -14,12 +16,14 @@ import torch
 
 import tokenizer as tok
 from configurator import UserError, autocast_context, load_config, resolve_device
-from model import GPT, read_checkpoint
+import finetune
+from model import read_checkpoint
 
 
 @dataclass
 class SampleConfig:
     out_dir: str = "out"  # folder with ckpt.pt and meta.json
+    ckpt: str = ""  # another checkpoint file to load (e.g. out/ckpt_int8.pt from quantize.py); "" is out_dir/ckpt.pt
     start: str = "\n"  # the prompt, or FILE:path to read it from a file; "" starts from the end-of-text token
     num_samples: int = 3
     max_new_tokens: int = 500
@@ -33,11 +37,12 @@ class SampleConfig:
 
 def load_model(cfg, device):
     """The checkpoint's model, and the tokenizer that goes with it."""
+    path = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
     try:
-        ckpt = read_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+        ckpt = read_checkpoint(path)
+        model = finetune.load_model(ckpt, path)
     except ValueError as e:
         raise UserError(str(e))
-    model = GPT.from_checkpoint(ckpt)
     # meta.json lies next to the checkpoint; older runs may only have it in the dataset folder
     train_cfg = ckpt["train_config"]
     candidates = [Path(cfg.out_dir) / "meta.json", Path(train_cfg["data_root"]) / train_cfg["dataset"] / "meta.json"]
@@ -45,9 +50,11 @@ def load_model(cfg, device):
     if meta_path is None:
         raise UserError(f"no meta.json in {cfg.out_dir} or the dataset folder: the tokenizer is unknown")
     try:
-        enc = tok.from_meta(tok.load_meta(meta_path))
+        meta = tok.load_meta(meta_path)
+        enc = tok.from_meta(meta)
     except tok.TokenizerError as e:
         raise UserError(str(e))
+    enc.labels = meta.get("labels")  # class names of a classifier
     return model.to(device).eval(), enc
 
 
@@ -75,6 +82,8 @@ def sample(cfg):
     ctx = autocast_context(device_type, cfg.dtype)
 
     model, enc = load_model(cfg, cfg.device)
+    if model.config.n_classes > 0:
+        return classify_lines(cfg, model, enc, ctx)
     prompt, skip = encode_prompt(cfg, enc)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
@@ -89,6 +98,34 @@ def sample(cfg):
         print(text)
         print("-" * 40)
     return texts
+
+
+@torch.no_grad()
+def classify_lines(cfg, model, enc, ctx):
+    """A classifier's label for each non-empty line of the prompt, with the class probabilities."""
+    text = cfg.start
+    if text.startswith("FILE:"):
+        try:
+            text = Path(text[len("FILE:"):]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read the prompt file {text[len('FILE:'):]}: {e}")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError("nothing to classify: pass --start='some text' or --start=FILE:lines.txt")
+    end = enc.eot_token if enc.eot_token is not None else enc.encode("\n")[0]  # as prepare/classify.py ends rows
+    results = []
+    for line in lines:
+        try:
+            ids = (enc.encode(line) + [end])[-model.config.block_size:]
+        except tok.TokenizerError as e:
+            raise UserError(f"prompt: {e}")
+        with ctx:
+            logits, _ = model(torch.tensor([ids], device=cfg.device))
+        probs = logits.float().softmax(-1)[0].tolist()
+        label = enc.labels[max(range(len(probs)), key=probs.__getitem__)]
+        results.append(label)
+        print(f"{label}\t" + " ".join(f"{name}={p:.3f}" for name, p in zip(enc.labels, probs)) + f"\t{line}")
+    return results
 
 
 def main(argv=None):

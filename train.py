@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from configurator import UserError, autocast_context, load_config, print_config, resolve_auto_bool, resolve_device
 from model import CKPT_FORMAT_VERSION, GPT, GPTConfig, read_checkpoint
+import finetune
 import tokenizer as tok
 
 ROOT = Path(__file__).resolve().parent
@@ -34,7 +35,8 @@ ROOT = Path(__file__).resolve().parent
 class TrainConfig:
     # ---- output and start point
     out_dir: str = "out"  # ckpt.pt, config.json, meta.json and metrics.jsonl are written here
-    init_from: str = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt) or a Hugging Face GPT-2 directory
+    init_from: str = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), a Hugging Face GPT-2 directory, or a
+    # sologpt checkpoint file (e.g. out/ckpt.pt) to fine-tune from with a fresh optimizer and schedule
     overwrite: bool = False  # let a new run replace an existing out_dir/ckpt.pt (else that is an error)
     always_save_checkpoint: bool = True  # save at every evaluation; False saves only when val loss improves
     # ---- data
@@ -53,6 +55,15 @@ class TrainConfig:
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (the explicit formula)
     vocab_pad_multiple: int = 1  # round the embedding up to a multiple of this (64: faster on GPUs; README)
     attn_backend: str = "auto"  # CUDA kernel behind sdpa: "auto" (PyTorch picks), "flash", "cudnn" or "efficient"
+    # ---- fine-tuning (finetune.py); all off by default
+    task: str = "lm"  # "lm" (next-token prediction) or "classify" (prepare/classify.py data, classification head)
+    cls_pool: str = "last"  # task "classify": the head reads the "last" token's hidden state or the "mean" of all
+    freeze_layers: int = 0  # freeze the first N transformer blocks
+    freeze_embeddings: bool = False  # freeze the token and position embeddings (and so the tied output layer)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (lora.py) on a frozen base; ckpt.pt holds only them
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = "attn"  # layers to adapt: c_attn, attn.c_proj, c_fc, mlp.c_proj; groups attn, mlp, all
     # ---- optimizer: AdamW, decoupled weight decay on matrices only
     learning_rate: float = 6e-4  # peak learning rate
     weight_decay: float = 0.1
@@ -76,6 +87,7 @@ class TrainConfig:
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it, else float16 with loss scaling; float32 on CPU
     compile: bool | str = "auto"  # torch.compile the model; "auto" means on for CUDA, off elsewhere
     cuda_graphs: bool | str = False  # replay each step as one CUDA graph (cuda_graph.py); "auto": on if possible
+    fp8: bool = False  # fp8 matmuls in the transformer blocks (fp8.py): CUDA compute capability 8.9+, bfloat16
     seed: int = 1337  # one seed for model init, batches and dropout
 
 
@@ -85,7 +97,7 @@ def resolve(cfg):
                 "log_interval", "n_layer", "n_head", "n_embd", "vocab_pad_multiple"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "freeze_layers", "lora_rank"):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key}={getattr(cfg, key)} must not be negative")
     if cfg.n_embd % cfg.n_head:
@@ -100,19 +112,35 @@ def resolve(cfg):
         raise UserError(f"dropout={cfg.dropout} must be in [0, 1)")
     if cfg.attn_impl not in ("sdpa", "math"):
         raise UserError(f"attn_impl={cfg.attn_impl!r} is unknown: use 'sdpa' or 'math'")
-    if cfg.init_from not in ("scratch", "resume") and not Path(cfg.init_from).is_dir():
-        raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or an existing directory "
-                        f"(a Hugging Face GPT-2 checkpoint)")
+    if cfg.init_from not in ("scratch", "resume") and not Path(cfg.init_from).exists():
+        raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', a Hugging Face GPT-2 directory "
+                        f"or a sologpt checkpoint file")
+    if cfg.task not in ("lm", "classify"):
+        raise UserError(f"task={cfg.task!r} is unknown: use 'lm' or 'classify'")
+    if cfg.cls_pool not in ("last", "mean"):
+        raise UserError(f"cls_pool={cfg.cls_pool!r} is unknown: use 'last' or 'mean'")
+    if cfg.lora_rank and cfg.init_from == "scratch":
+        raise UserError("lora_rank > 0 adapts pretrained weights: set init_from to a GPT-2 directory or a checkpoint")
+    if cfg.lora_rank:
+        import lora
+        try:
+            lora.resolve_targets(cfg.lora_targets)
+        except ValueError as e:
+            raise UserError(f"lora_targets: {e}")
     if cfg.attn_backend not in ATTN_BACKENDS:
         raise UserError(f"attn_backend={cfg.attn_backend!r} is unknown: use one of {', '.join(ATTN_BACKENDS)}")
     cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
-    graphable = device_type == "cuda" and cfg.dtype != "float16" and cfg.device in ("cuda", "cuda:0")
+    graphable = (device_type == "cuda" and cfg.dtype != "float16" and cfg.device in ("cuda", "cuda:0")
+                 and cfg.task == "lm")
     cfg.cuda_graphs = resolve_auto_bool("cuda_graphs", cfg.cuda_graphs, graphable)
     if cfg.cuda_graphs and not graphable:
-        raise UserError(f"cuda_graphs=True needs device cuda (cuda:0; pick another card with CUDA_VISIBLE_DEVICES) "
-                        f"and bfloat16 or float32 (float16 loss scaling is not captured); here device="
-                        f"{cfg.device!r}, dtype={cfg.dtype!r}")
+        raise UserError(f"cuda_graphs=True needs device cuda (cuda:0; pick another card with CUDA_VISIBLE_DEVICES), "
+                        f"bfloat16 or float32 (float16 loss scaling is not captured) and task 'lm'; here device="
+                        f"{cfg.device!r}, dtype={cfg.dtype!r}, task={cfg.task!r}")
     cfg.compile = resolve_auto_bool("compile", cfg.compile, device_type == "cuda")
+    if cfg.fp8 and (device_type != "cuda" or cfg.dtype != "bfloat16"):
+        raise UserError(f"fp8=True needs a CUDA GPU and dtype bfloat16 (here device={cfg.device!r}, "
+                        f"dtype={cfg.dtype!r}): set fp8=False")
     if cfg.lr_decay_iters == 0:
         cfg.lr_decay_iters = cfg.max_iters
     return device_type
@@ -160,6 +188,16 @@ def load_dataset(cfg):
     if meta.get("dtype", "uint16") not in ("uint16", "uint32"):
         raise UserError(f"{data_dir}/meta.json has dtype={meta['dtype']!r}; token files are uint16 or uint32: "
                         f"{hint} again")
+    if (meta.get("task", "lm") == "classify") != (cfg.task == "classify"):
+        fix = "task='classify'" if cfg.task == "lm" else "a dataset from prepare/classify.py"
+        raise UserError(f"{data_dir} holds {meta.get('task', 'lm')!r} data but task={cfg.task!r}: use {fix}")
+    if cfg.task == "classify":  # labelled examples instead of one token stream (classify.py)
+        import classify
+        try:
+            splits = {split: classify.load_split(data_dir, split, meta) for split in ("train", "val")}
+        except classify.ClassifyError as e:
+            raise UserError(str(e))
+        return splits, meta, enc, meta["max_token_id"]
     dtype = np.dtype(meta.get("dtype", "uint16"))
     splits = {}
     for split in ("train", "val"):
@@ -323,6 +361,8 @@ def train(cfg):
         if ":" in cfg.device:  # streams and CUDA graphs use the current device: make it this one
             torch.cuda.set_device(torch.device(cfg.device))
     ctx = autocast_context(device_type, cfg.dtype)
+    if cfg.task == "classify":
+        import classify
 
     splits, meta, enc, max_id = load_dataset(cfg)
     out_dir = Path(cfg.out_dir)
@@ -333,43 +373,51 @@ def train(cfg):
         raise UserError(f"{ckpt_path} already exists: continue it with --init_from=resume, choose another "
                         f"--out_dir, or pass --overwrite=True to replace it")
 
-    # ---- the model: from scratch, from our checkpoint, or from GPT-2 weights
-    ckpt = None
-    if cfg.init_from in ("scratch", "resume"):
-        if cfg.init_from == "resume":
-            resume_path = last_path if last_path.exists() else ckpt_path
-            ckpt = load_checkpoint(resume_path)
-            # GPT-2 weights fixed this model's shape, not the config's fields: take it from the checkpoint
-            if ckpt["init_source"] != "scratch":
-                for key in ("n_layer", "n_head", "n_embd", "bias"):
-                    setattr(cfg, key, ckpt["model_config"][key])
-        model_config = GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                                 n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                                 attn_impl=cfg.attn_impl, vocab_pad_multiple=cfg.vocab_pad_multiple)
-        model = GPT(model_config)
-        if ckpt is not None:
-            check_same_shape(ckpt["model_config"], model_config, resume_path)
-            model.load_state_dict(ckpt["model"])
-    else:
-        if meta["tokenizer"] != "gpt2":
+    # ---- the model: from scratch, a checkpoint to resume, or pretrained weights to fine-tune (finetune.py)
+    head = dict(n_classes=len(meta["labels"]) if cfg.task == "classify" else 0, cls_pool=cfg.cls_pool)
+    ckpt, init_source = None, cfg.init_from
+    if cfg.init_from == "resume":
+        resume_path = last_path if last_path.exists() else ckpt_path
+        ckpt = load_checkpoint(resume_path)
+        init_source = ckpt["init_source"]  # "scratch" or the weights the run started from
+        if init_source != "scratch":  # those weights fixed the shape, not the config's fields
+            for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple"):
+                setattr(cfg, key, ckpt["model_config"][key])
+    if init_source == "scratch" or (ckpt is not None and "adapter" not in ckpt):
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                              attn_impl=cfg.attn_impl, vocab_pad_multiple=cfg.vocab_pad_multiple, **head))
+    else:  # GPT-2 weights or another run's checkpoint (also the frozen base of a LoRA run being resumed)
+        if Path(init_source).is_dir() and meta["tokenizer"] not in ("gpt2", "gpt2+extra"):
             raise UserError(f"GPT-2 weights need GPT-2 tokens, but {cfg.dataset} uses tokenizer "
-                            f"{meta['tokenizer']!r}: prepare the text with prepare/shakespeare.py (BPE)")
+                            f"{meta['tokenizer']!r}: prepare the text with GPT-2 BPE (e.g. prepare/shakespeare.py)")
         try:
-            model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, attn_impl=cfg.attn_impl,
-                                        vocab_pad_multiple=cfg.vocab_pad_multiple)
+            model = finetune.start_model(init_source, block_size=cfg.block_size, vocab_size=meta["vocab_size"],
+                                         dropout=cfg.dropout, attn_impl=cfg.attn_impl,
+                                         vocab_pad_multiple=cfg.vocab_pad_multiple, **head)
         except ValueError as e:
             raise UserError(str(e))
-        if cfg.block_size > model.config.block_size:
-            raise UserError(f"block_size={cfg.block_size} is longer than the {model.config.block_size} positions "
-                            f"of {cfg.init_from}: lower --block_size")
-        model.crop_block_size(cfg.block_size)
-        for key in ("n_layer", "n_head", "n_embd", "bias"):  # the weights fix the shape: record it in cfg
+        for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple"):  # record the real shape
             setattr(cfg, key, getattr(model.config, key))
-        print(f"loaded GPT-2 weights from {cfg.init_from}: n_layer={cfg.n_layer} n_head={cfg.n_head} "
-              f"n_embd={cfg.n_embd}")
+        if ckpt is None:
+            print(f"starting from {init_source}: n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd}"
+                  f", vocab_size={model.config.vocab_size}")
     if max_id >= model.config.vocab_size:
         raise UserError(f"{cfg.dataset} holds token id {max_id}, beyond the model's vocab_size="
                         f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
+    if ckpt is not None:
+        check_same_shape(ckpt["model_config"], model.config, resume_path)
+    try:
+        finetune.freeze(model, cfg.freeze_layers, cfg.freeze_embeddings)
+        if cfg.lora_rank:  # resuming: the saved adapters, else new ones
+            finetune.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                              adapter=ckpt.get("adapter") if ckpt is not None else None)
+    except ValueError as e:
+        raise UserError(str(e))
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"], strict="adapter" not in ckpt)
+    if cfg.freeze_layers or cfg.freeze_embeddings or cfg.lora_rank:
+        print(finetune.trainable_report(model)[2])
     model.to(cfg.device)
 
     optimizer = make_optimizer(model, cfg, device_type)
@@ -378,10 +426,8 @@ def train(cfg):
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches; saved in checkpoints
     iter_num, best_val_loss = 0, float("inf")
     last_eval_iter = -1  # the step of the last evaluation, so a resumed run does not repeat or skip one
-    init_source = cfg.init_from
     elapsed = 0.0  # seconds of training before this process (time_s in metrics.jsonl continues across resumes)
     if ckpt is not None:
-        init_source = ckpt["init_source"]
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # the saved groups may come from a run with or without CUDA graphs
             group["lr"] = float(group["lr"])
@@ -414,6 +460,13 @@ def train(cfg):
     flops_per_step = model.flops_per_token(cfg.block_size) * tokens_per_step
     peak = peak_flops(cfg.device)
 
+    if cfg.fp8:
+        import fp8
+        try:
+            fp8.check_fp8_device(cfg.device)
+        except ValueError as e:
+            raise UserError(str(e))
+        fp8.convert_to_fp8(model)  # same parameters and checkpoint keys; only the matmuls change
     train_model = torch.compile(model) if cfg.compile else model  # `model` stays uncompiled for saving
     graphed = None
     if cfg.cuda_graphs:
@@ -421,15 +474,21 @@ def train(cfg):
         graphed = GraphedStep(train_model, optimizer, cfg.grad_clip, ctx)
 
     def checkpoint_state(iter_num, best_val_loss, last_eval_iter):
-        """Everything a resumed run needs to continue exactly: tensors and plain values only."""
+        """Everything a resumed run needs to continue exactly: tensors and plain values only. A LoRA run saves
+        its adapters and other trainable tensors; the frozen base is rebuilt from init_source."""
+        extra = {}
+        if cfg.lora_rank:
+            import lora
+            extra["adapter"] = lora.adapter_checkpoint(model, base_info={"init_source": init_source})
         return {
+            **extra,
             "format_version": CKPT_FORMAT_VERSION,
             "model_config": model.config_dict(),
-            "model": model.state_dict(),
+            "model": finetune.trainable_state(model) if cfg.lora_rank else model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "iter_num": iter_num,
-            "init_source": init_source,  # "scratch" or the GPT-2 directory the run started from
+            "init_source": init_source,  # "scratch", or the GPT-2 directory or checkpoint the run started from
             "best_val_loss": best_val_loss,
             "last_eval_iter": last_eval_iter,
             "elapsed_s": time.time() - t_start,
@@ -460,7 +519,13 @@ def train(cfg):
         while True:
             # ---- evaluate and checkpoint
             if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != last_eval_iter:
-                losses = estimate_loss(train_model, splits, cfg, ctx)
+                if cfg.task == "classify":  # the whole val set; train on as many examples as eval_iters batches
+                    scores = {split: classify.evaluate(train_model, data, cfg, ctx, head["n_classes"],
+                                                       None if split == "val" else cfg.eval_iters * cfg.batch_size)
+                              for split, data in splits.items()}
+                    losses = {split: sc["loss"] for split, sc in scores.items()}
+                else:
+                    losses = estimate_loss(train_model, splits, cfg, ctx)
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise UserError(f"evaluation loss is {losses} at step {iter_num}: training diverged; lower "
                                     f"learning_rate or raise warmup_iters. {ckpt_path} was not overwritten")
@@ -469,12 +534,17 @@ def train(cfg):
                 last_eval_iter = iter_num
                 log(f"eval {iter_num:>6} | train loss {losses['train']:.4f} (ppl {math.exp(losses['train']):.2f})"
                     f" | val loss {losses['val']:.4f} (ppl {math.exp(losses['val']):.2f})"
-                    f"{' | best' if improved else ''}")
+                    + (f" | val accuracy {scores['val']['accuracy']:.4f} macro-F1 {scores['val']['macro_f1']:.4f}"
+                       if cfg.task == "classify" else "") + f"{' | best' if improved else ''}")
+                record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                          "train_ppl": math.exp(losses["train"]), "val_ppl": math.exp(losses["val"])}
+                if cfg.task == "classify":
+                    record.update({f"{split}_{k}": sc[k] for split, sc in scores.items()
+                                   for k in ("accuracy", "macro_f1")})
+                record.update(lr=get_lr(max(iter_num - 1, 0), cfg), tokens=iter_num * tokens_per_step,
+                              time_s=round(time.time() - t_start, 3))
                 with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                        "train_ppl": math.exp(losses["train"]), "val_ppl": math.exp(losses["val"]),
-                                        "lr": get_lr(max(iter_num - 1, 0), cfg), "tokens": iter_num * tokens_per_step,
-                                        "time_s": round(time.time() - t_start, 3)}) + "\n")
+                    f.write(json.dumps(record) + "\n")
                 if improved or cfg.always_save_checkpoint:
                     save_checkpoint(ckpt_path, checkpoint_state(iter_num, best_val_loss, last_eval_iter))
                     last_path.unlink(missing_ok=True)  # older than ckpt.pt now
@@ -494,9 +564,15 @@ def train(cfg):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 for _ in range(cfg.gradient_accumulation_steps):
-                    x, y = get_batch(splits["train"], cfg.batch_size, cfg.block_size, batch_gen, cfg.device)
+                    if cfg.task == "classify":  # right-padded examples, their lengths and labels
+                        x, lengths, y = classify.get_batch(splits["train"], cfg.batch_size, cfg.block_size,
+                                                           batch_gen, cfg.device)
+                        extra = {"lengths": lengths}
+                    else:
+                        x, y = get_batch(splits["train"], cfg.batch_size, cfg.block_size, batch_gen, cfg.device)
+                        extra = {}
                     with ctx:
-                        _, loss = train_model(x, y)
+                        _, loss = train_model(x, y, **extra)
                         loss = loss / cfg.gradient_accumulation_steps  # gradients add up over micro-batches
                     scaler.scale(loss).backward()
                     loss_sum += loss.detach()
@@ -541,7 +617,7 @@ def train(cfg):
 
     last_path.unlink(missing_ok=True)  # the run is complete: a later resume starts from ckpt.pt
     print(f"done in {time.time() - t_start:.1f} s: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}")
-    if cfg.sample_tokens > 0:
+    if cfg.sample_tokens > 0 and cfg.task == "lm":
         start = enc.encode("\n") if meta["tokenizer"] == "char" and "\n" in meta["chars"] else [enc.eot_token or 0]
         gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
         idx = torch.tensor([start], dtype=torch.long, device=cfg.device)

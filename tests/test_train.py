@@ -283,7 +283,7 @@ def test_finetune_from_gpt2_directory_then_resume(tmp_path, capsys):
     err = run_main_error([f"--init_from={tmp_path / 'gpt2'}", f"--data_root={tmp_path / 'data'}", "--dataset=bpe",
                           f"--out_dir={tmp_path / 'o2'}", "--block_size=128", "--device=cpu"], capsys)
     assert "block_size=128 is longer than the 64 positions" in err
-    assert "is not 'scratch', 'resume' or an existing directory" in run_main_error(["--init_from=scratc"], capsys)
+    assert "is not 'scratch', 'resume', a Hugging Face GPT-2 directory" in run_main_error(["--init_from=scratc"], capsys)
 
 
 def test_attention_backend_switch(capsys):

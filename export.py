@@ -1,0 +1,59 @@
+"""Export a trained checkpoint: a Hugging Face GPT-2 directory, or one plain sologpt checkpoint with any LoRA
+adapters merged into the weights.
+
+    python export.py --out_dir=out --hf_dir=gpt2-mine          # transformers.GPT2LMHeadModel.from_pretrained loads it
+    python export.py --out_dir=out-lora --merged_ckpt=merged.pt # adapters folded in: a full model, no base needed
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import finetune
+from configurator import UserError, load_config
+from model import CKPT_FORMAT_VERSION, read_checkpoint
+
+
+@dataclass
+class ExportConfig:
+    out_dir: str = "out"  # folder with ckpt.pt
+    ckpt: str = ""  # another checkpoint file; "" is out_dir/ckpt.pt
+    hf_dir: str = ""  # write a Hugging Face GPT-2 directory here (config.json + model.safetensors)
+    merged_ckpt: str = ""  # write a full sologpt checkpoint (LoRA adapters merged) to this file
+
+
+def export(cfg):
+    if not cfg.hf_dir and not cfg.merged_ckpt:
+        raise UserError("nothing to do: pass --hf_dir=DIR and/or --merged_ckpt=FILE")
+    path = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
+    try:
+        ckpt = read_checkpoint(path)
+        if "quantization" in ckpt:
+            raise ValueError(f"{path} is quantized; export the float checkpoint it came from")
+        model = finetune.load_model(ckpt, path)  # LoRA adapters are merged here
+        if cfg.hf_dir:
+            model.save_pretrained(cfg.hf_dir)
+            print(f"wrote {cfg.hf_dir} (Hugging Face GPT-2)")
+    except ValueError as e:
+        raise UserError(str(e))
+    if cfg.merged_ckpt:
+        import train  # the atomic checkpoint writer
+        if Path(cfg.merged_ckpt).resolve() == path.resolve():
+            raise UserError(f"--merged_ckpt={cfg.merged_ckpt} is the input checkpoint: pick another file")
+        train.save_checkpoint(cfg.merged_ckpt, {
+            "format_version": CKPT_FORMAT_VERSION, "model_config": model.config_dict(), "model": model.state_dict(),
+            "init_source": "scratch", "train_config": ckpt["train_config"], "iter_num": ckpt["iter_num"],
+            "best_val_loss": ckpt["best_val_loss"]})
+        print(f"wrote {cfg.merged_ckpt} (sologpt checkpoint, full weights)")
+
+
+def main(argv=None):
+    try:
+        export(load_config(ExportConfig, sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
