@@ -26,6 +26,7 @@ from tqdm import tqdm
 from configurator import UserError, autocast_context, load_config, print_config, resolve_auto_bool, resolve_device
 from model import CKPT_FORMAT_VERSION, GPT, GPTConfig, read_checkpoint
 import finetune
+import memory
 import tokenizer as tok
 
 ROOT = Path(__file__).resolve().parent
@@ -43,7 +44,9 @@ class TrainConfig:
     dataset: str = "shakespeare_char"  # folder under data_root with train.bin, val.bin and meta.json
     data_root: str = "data"
     data_input: str = ""  # local text file used when the dataset must be prepared first (for offline machines)
-    batch_size: int = 12  # sequences per micro-batch
+    batch_size: int | str = 12  # sequences per micro-batch; "auto": the largest that fits (memory.py), with
+    # gradient_accumulation_steps recomputed to keep batch_size x gradient_accumulation_steps sequences per step
+    auto_batch_sequences: int = 0  # with batch_size="auto": sequences per optimizer step to keep (0: one micro-batch)
     block_size: int = 1024  # tokens per sequence (the model's context length)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     # ---- model (ignored when init_from is a GPT-2 directory, whose config.json fixes the shape)
@@ -64,6 +67,10 @@ class TrainConfig:
     lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: str = "attn"  # layers to adapt: c_attn, attn.c_proj, c_fc, mlp.c_proj; groups attn, mlp, all
+    # ---- memory (memory.py); all off by default
+    grad_checkpointing: int = 0  # k > 0: recompute every k-th block's activations in backward (1: every block)
+    optim_state: str = "fp32"  # AdamW moments in "fp32", "bf16" or "int8" (block-wise 8-bit; lean_optim.py)
+    base_dtype: str = "fp32"  # frozen Linear weights (freeze_layers, LoRA base) in "fp32", "bf16" or "int8"
     # ---- optimizer: AdamW, decoupled weight decay on matrices only
     learning_rate: float = 6e-4  # peak learning rate
     weight_decay: float = 0.1
@@ -93,11 +100,14 @@ class TrainConfig:
 
 def resolve(cfg):
     """Check values and fill in the derived ones ("auto" device, dtype, compile; lr_decay_iters)."""
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+    if cfg.batch_size != "auto" and (isinstance(cfg.batch_size, str) or cfg.batch_size < 1):
+        raise UserError(f"batch_size={cfg.batch_size!r} must be a positive integer or 'auto'")
+    for key in ("block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                 "log_interval", "n_layer", "n_head", "n_embd", "vocab_pad_multiple"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "freeze_layers", "lora_rank"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "freeze_layers", "lora_rank",
+                "grad_checkpointing", "auto_batch_sequences"):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key}={getattr(cfg, key)} must not be negative")
     if cfg.n_embd % cfg.n_head:
@@ -119,6 +129,11 @@ def resolve(cfg):
         raise UserError(f"task={cfg.task!r} is unknown: use 'lm' or 'classify'")
     if cfg.cls_pool not in ("last", "mean"):
         raise UserError(f"cls_pool={cfg.cls_pool!r} is unknown: use 'last' or 'mean'")
+    for key, allowed in (("optim_state", ("fp32", "bf16", "int8")), ("base_dtype", ("fp32", "bf16", "int8"))):
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"{key}={getattr(cfg, key)!r} is unknown: use one of {', '.join(allowed)}")
+    if cfg.base_dtype != "fp32" and not (cfg.lora_rank or cfg.freeze_layers):
+        raise UserError(f"base_dtype={cfg.base_dtype!r} applies to frozen weights: set lora_rank or freeze_layers")
     if cfg.lora_rank and cfg.init_from == "scratch":
         raise UserError("lora_rank > 0 adapts pretrained weights: set init_from to a GPT-2 directory or a checkpoint")
     if cfg.lora_rank:
@@ -131,13 +146,17 @@ def resolve(cfg):
         raise UserError(f"attn_backend={cfg.attn_backend!r} is unknown: use one of {', '.join(ATTN_BACKENDS)}")
     cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
     graphable = (device_type == "cuda" and cfg.dtype != "float16" and cfg.device in ("cuda", "cuda:0")
-                 and cfg.task == "lm")
+                 and cfg.task == "lm" and cfg.optim_state == "fp32" and cfg.batch_size != "auto")
     cfg.cuda_graphs = resolve_auto_bool("cuda_graphs", cfg.cuda_graphs, graphable)
     if cfg.cuda_graphs and not graphable:
         raise UserError(f"cuda_graphs=True needs device cuda (cuda:0; pick another card with CUDA_VISIBLE_DEVICES), "
-                        f"bfloat16 or float32 (float16 loss scaling is not captured) and task 'lm'; here device="
-                        f"{cfg.device!r}, dtype={cfg.dtype!r}, task={cfg.task!r}")
+                        f"bfloat16 or float32 (float16 loss scaling is not captured), task 'lm', optim_state 'fp32' "
+                        f"and a fixed batch_size; here device={cfg.device!r}, dtype={cfg.dtype!r}, task={cfg.task!r}, "
+                        f"optim_state={cfg.optim_state!r}, batch_size={cfg.batch_size!r}")
     cfg.compile = resolve_auto_bool("compile", cfg.compile, device_type == "cuda")
+    if cfg.base_dtype == "bf16" and cfg.dtype == "float32":
+        raise UserError("base_dtype='bf16' needs 16-bit autocast (dtype bfloat16 or float16): use base_dtype='int8' "
+                        "or another dtype")
     if cfg.fp8 and (device_type != "cuda" or cfg.dtype != "bfloat16"):
         raise UserError(f"fp8=True needs a CUDA GPU and dtype bfloat16 (here device={cfg.device!r}, "
                         f"dtype={cfg.dtype!r}): set fp8=False")
@@ -254,6 +273,9 @@ def make_optimizer(model, cfg, device_type):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if cfg.optim_state != "fp32":  # moments in bf16 or block-wise int8: 4 or ~2 bytes per parameter instead of 8
+        from lean_optim import LeanAdamW
+        return LeanAdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), state_dtype=cfg.optim_state)
     # the fused CUDA kernel updates all parameters in a few launches instead of several per tensor
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device_type == "cuda", capturable=cfg.cuda_graphs)
@@ -293,9 +315,51 @@ def peak_flops(device):
 
 
 def peak_memory_gib(device):
+    """(peak allocated, peak reserved by the caching allocator) on CUDA; elsewhere the process's peak RSS twice."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS; Linux reports KiB
+        return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return rss, rss
+
+
+def auto_batch_size(model, cfg, ctx, n_trainable):
+    """batch_size="auto": the largest micro-batch whose forward and backward fit next to the optimizer state (held
+    as a placeholder of its size, so the real optimizer is untouched), then the gradient accumulation that keeps
+    auto_batch_sequences sequences per step. Runs before torch.compile; compiled steps need no more memory."""
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cfg.device.startswith("cuda") else None)
+    state_bytes = memory.MOMENT_BYTES[cfg.optim_state] * n_trainable
+    vocab = model.config.vocab_size
+
+    def try_step(b):
+        reserve = torch.empty(state_bytes, dtype=torch.uint8, device=cfg.device)  # the optimizer's moments
+        x = torch.randint(vocab, (b, cfg.block_size), device=cfg.device)
+        try:
+            with ctx:
+                if cfg.task == "classify":
+                    _, loss = model(x, torch.zeros(b, dtype=torch.long, device=cfg.device))
+                else:
+                    _, loss = model(x, x)
+            loss.backward()
+        finally:
+            del reserve, x
+            memory.free_memory(model)
+
+    limit = cfg.auto_batch_sequences or 1024
+    micro = memory.find_micro_batch(try_step, limit=limit)
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
+    torch.cuda.reset_peak_memory_stats() if cfg.device.startswith("cuda") else None
+    if micro == 0:
+        raise UserError(f"not even one sequence of block_size={cfg.block_size} fits in memory: "
+                        f"{memory.oom_message(cfg, cfg.device).split(': try ')[1]}")
+    fit, target = micro, cfg.auto_batch_sequences or micro
+    accum = -(-target // micro)
+    micro = -(-target // accum)  # spread the sequences evenly over the micro-batches
+    print(f"batch_size auto: the largest micro-batch that fits is {fit} sequences "
+          f"(searched up to {limit}); batch_size={micro}, gradient_accumulation_steps={accum}, "
+          f"{micro * accum} sequences per step")
+    return micro, accum
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------
@@ -414,12 +478,18 @@ def train(cfg):
                               adapter=ckpt.get("adapter") if ckpt is not None else None)
     except ValueError as e:
         raise UserError(str(e))
+    memory.lower_frozen_weights(model, cfg.base_dtype)  # before loading: a checkpoint holds them lowered already
+    model.grad_checkpointing = cfg.grad_checkpointing
     if ckpt is not None:
         model.load_state_dict(ckpt["model"], strict="adapter" not in ckpt)
     if cfg.freeze_layers or cfg.freeze_embeddings or cfg.lora_rank:
         print(finetune.trainable_report(model)[2])
     model.to(cfg.device)
 
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.batch_size == "auto":
+        cfg.batch_size, cfg.gradient_accumulation_steps = auto_batch_size(model, cfg, ctx, n_trainable)
+    print(memory.estimate(model, cfg)[1])
     optimizer = make_optimizer(model, cfg, device_type)
     # loss scaling keeps small float16 gradients from flushing to zero; bfloat16 and float32 need none
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
@@ -541,8 +611,10 @@ def train(cfg):
                 if cfg.task == "classify":
                     record.update({f"{split}_{k}": sc[k] for split, sc in scores.items()
                                    for k in ("accuracy", "macro_f1")})
+                alloc, reserved = peak_memory_gib(cfg.device)
                 record.update(lr=get_lr(max(iter_num - 1, 0), cfg), tokens=iter_num * tokens_per_step,
-                              time_s=round(time.time() - t_start, 3))
+                              time_s=round(time.time() - t_start, 3), peak_alloc_gib=round(alloc, 3),
+                              peak_reserved_gib=round(reserved, 3))
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if improved or cfg.always_save_checkpoint:
@@ -599,7 +671,9 @@ def train(cfg):
                         f"{tokens_per_step / dt:>9,.0f} tok/s | {dt * 1000:7.1f} ms/step")
                 if peak:
                     line += f" | mfu {100 * flops_per_step / dt / peak:4.1f}%"
-                log(line + f" | mem {peak_memory_gib(cfg.device):.2f} GiB")
+                alloc, reserved = peak_memory_gib(cfg.device)
+                log(line + (f" | mem {alloc:.2f} GiB (reserved {reserved:.2f})" if device_type == "cuda"
+                            else f" | mem {alloc:.2f} GiB"))
                 steps_since_log, t_log = 0, time.perf_counter()
 
             if stop["signal"] is not None:
@@ -610,6 +684,8 @@ def train(cfg):
                 log(f"{name}: saved {path} at step {iter_num}. Resume with:\n"
                     f"  python {' '.join(args)} --init_from=resume")
                 raise SystemExit(128 + stop["signal"])
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(memory.oom_message(cfg, cfg.device))
     finally:
         bar.close()
         for s, h in old_handlers.items():

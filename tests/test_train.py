@@ -190,7 +190,8 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_unknown_key_and_wrong_type(capsys, tmp_path):
     assert "did you mean 'n_layer'" in run_main_error(["--n_layr=4"], capsys)
-    assert "expected int" in run_main_error(["--batch_size=1.5"], capsys)
+    assert "expected int" in run_main_error(["--n_layer=1.5"], capsys)
+    assert "must be a positive integer or 'auto'" in run_main_error(["--batch_size=1.5"], capsys)
     assert "expected bool" in run_main_error(["--progress=1"], capsys)
     assert "use True, False or 'auto'" in run_main_error(["--compile=1"], capsys)
     cfg_file = tmp_path / "bad.py"

@@ -1,0 +1,120 @@
+"""Memory savers and reports for train.py: what a run will need (estimated before step 0), frozen weights kept
+in bf16 or int8, the automatic micro-batch search, and the message for running out of memory.
+
+Bytes per parameter during training with AdamW (fp32 master weights, as train.py keeps them):
+    weights 4 + gradients 4 + two moments 8 (optim_state "fp32"), 4 ("bf16") or ~2 ("int8")
+A frozen parameter costs only its weight: 4 bytes, 2 in bf16, ~1 in int8 (base_dtype). Activations come on top,
+per token: about 34 * n_embd bytes per layer under 16-bit autocast with a fused attention kernel (Korthikanti et
+al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4, without the attention-score
+term that flash attention never stores), plus the logits: 2 bytes (bf16) + 4 (fp32 copy for the loss) + 4 (their
+gradient) per vocabulary entry. Gradient checkpointing keeps only each checkpointed block's input (4 * n_embd).
+"""
+
+import gc
+
+import torch
+import torch.nn as nn
+
+MOMENT_BYTES = {"fp32": 8, "bf16": 4, "int8": 2}  # both AdamW moments together, per trainable parameter
+BASE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # a frozen Linear weight
+
+
+def estimate(model, cfg):
+    """Bytes for weights, gradients, optimizer state and activations of one micro-batch: a dict, and a log line."""
+    c = model.config
+    frozen_linear = sum(m.weight.numel() for m in model.transformer.h.modules()
+                        if isinstance(m, nn.Linear) and not m.weight.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    other_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) - frozen_linear
+    weights = 4 * (trainable + other_frozen) + BASE_BYTES[cfg.base_dtype] * frozen_linear
+    tokens = cfg.batch_size * cfg.block_size if isinstance(cfg.batch_size, int) else cfg.block_size
+    per_layer = 34 * c.n_embd  # bytes per token, 16-bit autocast (see above)
+    if cfg.dtype == "float32":
+        per_layer *= 2
+    k = cfg.grad_checkpointing
+    if k:  # checkpointed blocks keep their input; the others, and one recomputed block, keep everything
+        n_ckpt = len(range(0, c.n_layer, k))
+        layers = n_ckpt * 4 * c.n_embd + (c.n_layer - n_ckpt + 1) * per_layer
+    else:
+        layers = c.n_layer * per_layer
+    out = {"weights": weights, "gradients": 4 * trainable, "optimizer": MOMENT_BYTES[cfg.optim_state] * trainable,
+           "activations": tokens * (layers + 10 * c.vocab_size)}
+    gib = {k: v / 2**30 for k, v in out.items()}
+    line = (f"memory estimate: weights {gib['weights']:.2f} + gradients {gib['gradients']:.2f} + optimizer "
+            f"{gib['optimizer']:.2f} + activations {gib['activations']:.2f} (micro-batch of {tokens:,} tokens) = "
+            f"{sum(gib.values()):.2f} GiB")
+    return out, line
+
+
+def lower_frozen_weights(model, base_dtype):
+    """Keep the frozen Linear weights of the blocks (freeze_layers, or a LoRA layer's base) in bf16, or in int8
+    (weight-only, per output channel: quantize.Int8Linear), so they need 2 or ~1 bytes instead of 4. bf16 relies
+    on autocast to bring the activations to 16 bits. Returns the number of layers changed."""
+    if base_dtype == "fp32":
+        return 0
+    swaps = [(parent, name, child) for parent in model.transformer.h.modules()
+             for name, child in parent.named_children()
+             if type(child) is nn.Linear and not child.weight.requires_grad]
+    for parent, name, linear in swaps:
+        if base_dtype == "bf16":
+            linear.to(torch.bfloat16)
+        else:
+            import quantize
+            setattr(parent, name, quantize.Int8Linear.from_linear(linear))
+    return len(swaps)
+
+
+def free_memory(model=None):
+    if model is not None:
+        for p in model.parameters():
+            p.grad = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def find_micro_batch(try_step, start=1, limit=1024):
+    """The largest micro-batch b <= limit for which try_step(b) runs without running out of memory: doubling from
+    `start`, then bisecting between the last size that fit and the first that did not. try_step must clean up
+    after itself; every failure is followed by free_memory() so no half-built activations stay behind."""
+    def fits(b):
+        try:
+            try_step(b)
+            return True
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer releases
+            free_memory()
+            return False
+
+    if not fits(start):
+        return 0
+    good, bad = start, None
+    while bad is None and good < limit:
+        b = min(good * 2, limit)
+        if fits(b):
+            good = b
+        else:
+            bad = b
+    if bad is None:
+        return good
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def oom_message(cfg, device):
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if str(device).startswith("cuda") else float("nan")
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if str(device).startswith("cuda") else 0
+    tips = []
+    if not cfg.grad_checkpointing:
+        tips.append("grad_checkpointing=1")
+    if cfg.optim_state == "fp32":
+        tips.append("optim_state='int8'")
+    if (cfg.lora_rank or cfg.freeze_layers) and cfg.base_dtype == "fp32":
+        tips.append("base_dtype='bf16' or 'int8'")
+    tips.append("batch_size='auto'" if cfg.batch_size != "auto" else "a smaller block_size")
+    return (f"out of memory at micro-batch {cfg.batch_size} x block_size {cfg.block_size} (peak {peak:.2f} GiB "
+            f"allocated of {total:.1f} GiB): try {', '.join(tips)}; the last checkpoint is untouched")

@@ -1,0 +1,171 @@
+"""Memory savers on the CPU: gradient checkpointing computes the same function, lean optimizer states and
+low-precision frozen bases train and resume exactly, the micro-batch search, the out-of-memory message, and the
+memory estimate and report."""
+
+import json
+
+import pytest
+import torch
+
+import memory
+import train as train_mod
+from configurator import load_config
+from model import GPT, GPTConfig, read_checkpoint
+
+
+def run(flags):
+    return train_mod.train(load_config(train_mod.TrainConfig, flags))
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_grad_checkpointing_same_loss_and_gradients(every):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0))
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    _, loss0 = model(x, y)
+    loss0.backward()
+    grads0 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.grad_checkpointing = every
+    _, loss1 = model(x, y)
+    loss1.backward()
+    assert torch.equal(loss0, loss1)
+    for g0, p in zip(grads0, model.parameters()):
+        torch.testing.assert_close(p.grad, g0, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointed_run_matches_plain_run(tiny_flags, tmp_path):
+    run(tiny_flags + ["--max_iters=4"])
+    plain = read_checkpoint(tmp_path / "out" / "ckpt.pt")["model"]
+    flags = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'ck'}" for f in tiny_flags]
+    run(flags + ["--max_iters=4", "--grad_checkpointing=1"])
+    ck = read_checkpoint(tmp_path / "ck" / "ckpt.pt")["model"]
+    for k in plain:
+        torch.testing.assert_close(ck[k], plain[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("state", ["bf16", "int8"])
+def test_lean_optimizer_states_train_and_resume_exactly(tiny_flags, tmp_path, state):
+    flags = tiny_flags + [f"--optim_state={state}", "--lr_decay_iters=8"]
+    run(flags + ["--max_iters=8"])
+    straight = read_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert straight["best_val_loss"] < 4.0  # it learns (ln 65 = 4.17 at the start)
+    other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'r'}" for f in flags]
+    run(other + ["--max_iters=4"])
+    run(other + ["--max_iters=8", "--init_from=resume"])
+    resumed = read_checkpoint(tmp_path / "r" / "ckpt.pt")
+    for k, v in straight["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, char_data):
+    """A tiny random GPT-2 with a 65-token vocabulary, saved as our own checkpoint file (a start point)."""
+    root = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    flags = [f"--data_root={char_data}", "--dataset=tiny", f"--out_dir={root}", "--device=cpu", "--n_layer=2",
+             "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=10", "--eval_iters=1",
+             "--progress=False", "--sample_tokens=0", "--learning_rate=3e-3"]
+    run(flags)
+    return root / "ckpt.pt"
+
+
+@pytest.mark.parametrize("base_dtype, dtype", [("int8", "float32"), ("bf16", "bfloat16")])
+def test_lora_on_a_low_precision_base(tiny_flags, tmp_path, gpt2_dir, base_dtype, dtype):
+    flags = tiny_flags + [f"--init_from={gpt2_dir}", "--lora_rank=4", "--lora_targets=all", f"--dtype={dtype}",
+                          f"--base_dtype={base_dtype}", "--lr_decay_iters=6"]
+    run(flags + ["--max_iters=6"])
+    ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["train_config"]["base_dtype"] == base_dtype
+    first, last = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][::2]
+    assert last["val_loss"] < first["val_loss"]
+    other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'r'}" for f in flags]
+    run(other + ["--max_iters=3"])
+    run(other + ["--max_iters=6", "--init_from=resume"])
+    resumed = read_checkpoint(tmp_path / "r" / "ckpt.pt")
+    for k, v in ckpt["adapter"]["adapter"].items():
+        assert torch.equal(resumed["adapter"]["adapter"][k], v), k
+
+
+def test_lower_frozen_weights_bytes_and_outputs():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=64))
+    x = torch.randint(0, 64, (2, 16))
+    ref = model(x)[0]
+    model.transformer.h[0].requires_grad_(False)
+    assert memory.lower_frozen_weights(model, "int8") == 4  # the 4 Linear layers of the frozen block
+    import quantize
+    assert isinstance(model.transformer.h[0].mlp.c_fc, quantize.Int8Linear)
+    assert type(model.transformer.h[1].mlp.c_fc) is torch.nn.Linear  # trainable: untouched
+    torch.testing.assert_close(model(x)[0], ref, rtol=0.05, atol=0.05)
+
+
+def test_find_micro_batch_backs_off_on_out_of_memory():
+    tried = []
+
+    def try_step(b):
+        tried.append(b)
+        if b > 37:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    assert memory.find_micro_batch(try_step, limit=1024) == 37
+    assert tried[:7] == [1, 2, 4, 8, 16, 32, 64]
+    assert memory.find_micro_batch(lambda b: None, limit=24) == 24
+    assert memory.find_micro_batch(lambda b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError()), limit=8) == 0
+
+
+def test_auto_batch_keeps_sequences_per_step(tiny_flags, tmp_path, monkeypatch, capsys):
+    real = memory.find_micro_batch
+    monkeypatch.setattr(memory, "find_micro_batch", lambda try_step, limit: min(real(try_step, limit=limit), 3))
+    flags = [f for f in tiny_flags if not f.startswith("--batch_size")]
+    run(flags + ["--batch_size=auto", "--auto_batch_sequences=8", "--max_iters=2"])
+    out = capsys.readouterr().out
+    assert "largest micro-batch that fits is 3" in out  # 8 sequences: 3 micro-batches of 3 (9 >= 8)
+    cfg = read_checkpoint(tmp_path / "out" / "ckpt.pt")["train_config"]
+    assert (cfg["batch_size"], cfg["gradient_accumulation_steps"]) == (3, 3)
+
+
+def test_out_of_memory_is_one_clear_line_and_keeps_the_checkpoint(tiny_flags, tmp_path, monkeypatch, capsys):
+    run(tiny_flags + ["--max_iters=2"])
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+
+    def oom(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GPT, "forward", oom)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(tiny_flags + ["--max_iters=4", "--init_from=resume", "--eval_interval=100"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "out of memory at micro-batch 8 x block_size 32" in err
+    assert "grad_checkpointing=1" in err and "optim_state='int8'" in err
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_memory_estimate_and_report(tiny_flags, tmp_path, capsys):
+    run(tiny_flags + ["--max_iters=2", "--optim_state=int8"])
+    out = capsys.readouterr().out
+    assert "memory estimate: weights" in out and "optimizer" in out
+    m = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert m["peak_alloc_gib"] > 0 and m["peak_reserved_gib"] >= m["peak_alloc_gib"]
+    cfg = load_config(train_mod.TrainConfig, ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=16",
+                                              "--batch_size=2", "--device=cpu"])
+    train_mod.resolve(cfg)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    full, _ = memory.estimate(model, cfg)
+    cfg.optim_state, cfg.grad_checkpointing = "int8", 1
+    lean, _ = memory.estimate(model, cfg)
+    assert lean["optimizer"] == full["optimizer"] / 4 and lean["activations"] < full["activations"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optim_state=fp16"], "optim_state='fp16' is unknown"),
+    (["--base_dtype=bf16"], "applies to frozen weights"),
+    (["--freeze_layers=1", "--base_dtype=bf16"], "needs 16-bit autocast"),
+    (["--grad_checkpointing=-1"], "must not be negative"),
+])
+def test_memory_switch_errors(tiny_flags, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        train_mod.main(tiny_flags + flags)
+    assert message in capsys.readouterr().err
