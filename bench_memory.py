@@ -1,0 +1,169 @@
+"""How big a model trains on one GPU within a memory budget, and how fast: for each model shape and each set of
+memory switches, the largest micro-batch that fits (block 1024), its tokens/s, peak memory and trainable parameters.
+
+    python bench_memory.py --cap_gib 24                                   # the memory table (README, Memory)
+    python bench_memory.py --cap_gib 79 --shapes 350M --modes full freeze_half lora8 lora64   # fine-tuning table
+
+The budget is simulated with torch.cuda.set_per_process_memory_fraction. Each (shape, mode) runs in its own
+process so nothing carries over. Weights are random (speed and memory do not depend on their values); the model is
+built on the GPU before the cap is set (loading real weights would not need more than the weights themselves).
+Steps run eagerly (no torch.compile), so each row costs seconds, not a compile.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# name -> (n_layer, n_head, n_embd): the GPT-2 family, then GPT-3-style 2.7B and 6.7B shapes (Brown et al. 2020)
+SHAPES = {"124M": (12, 12, 768), "350M": (24, 16, 1024), "774M": (36, 20, 1280), "1.5B": (48, 25, 1600),
+          "2.7B": (32, 32, 2560), "6.7B": (32, 32, 4096)}
+# name -> train.py switches
+MODES = {
+    "full": {},
+    "full_lean": {"grad_checkpointing": 1, "optim_state": "int8"},
+    "freeze_half": {"freeze_half": True},
+    "lora8": {"lora_rank": 8},
+    "lora64": {"lora_rank": 64},
+    "lora_bf16": {"lora_rank": 8, "base_dtype": "bf16", "grad_checkpointing": 1},
+    "lora_int8": {"lora_rank": 8, "base_dtype": "int8", "grad_checkpointing": 1},
+}
+
+
+def run_one(shape, mode, args):
+    """In a fresh process: build, cap, search the micro-batch, time it. Prints one JSON line."""
+    import torch
+    import finetune
+    import memory
+    import train
+    from model import GPT, GPTConfig
+
+    n_layer, n_head, n_embd = SHAPES[shape]
+    sw = MODES[mode]
+    cfg = train.TrainConfig(device="cuda", dtype="bfloat16", block_size=args.block_size, compile=False,
+                            optim_state=sw.get("optim_state", "fp32"), lora_rank=sw.get("lora_rank", 0),
+                            base_dtype=sw.get("base_dtype", "fp32"), grad_checkpointing=sw.get("grad_checkpointing", 0),
+                            lora_targets="all", freeze_layers=n_layer // 2 if sw.get("freeze_half") else 0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    low = cfg.base_dtype != "fp32"
+    with torch.device("cuda"):
+        if low:  # a frozen base never needs fp32: build it in bf16 so building stays within the card
+            torch.set_default_dtype(torch.bfloat16)
+        model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=args.block_size,
+                              vocab_size=50257, vocab_pad_multiple=64))
+        torch.set_default_dtype(torch.float32)
+    finetune.freeze(model, cfg.freeze_layers)
+    if cfg.lora_rank:
+        finetune.add_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, cfg.lora_targets)
+        for name, p in model.named_parameters():  # adapters train in fp32, whatever the base was built in
+            if p.requires_grad:
+                p.data = p.data.float()
+    memory.lower_frozen_weights(model, cfg.base_dtype)
+    if low:  # embeddings and LayerNorms stay in fp32, as train.py keeps them
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Embedding, torch.nn.LayerNorm)):
+                m.float()
+    model.grad_checkpointing = cfg.grad_checkpointing
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = train.make_optimizer(model, cfg, "cuda")
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def step(b):
+        x = torch.randint(50257, (b, args.block_size), device="cuda")
+        with ctx:
+            _, loss = model(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def try_step(b):  # a real step, optimizer state included; lr 0 leaves the weights as they are
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        try:
+            step(b)
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+
+    result = {"shape": shape, "mode": mode, "trainable": trainable, "micro_batch": 0}
+    try:
+        mb = memory.find_micro_batch(try_step, limit=args.max_batch)
+    except Exception as e:  # e.g. the weights alone do not fit
+        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        mb = 0
+    while mb:  # time it; an edge case that fit in the search but not now (fragmentation) backs off by a quarter
+        for g in optimizer.param_groups:
+            g["lr"] = 1e-5
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            for _ in range(2):
+                step(mb)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step(mb)
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t) / args.steps
+            result.update(micro_batch=mb, tok_s=mb * args.block_size / dt, ms=dt * 1000,
+                          peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            break
+        except torch.cuda.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            memory.free_memory()
+            mb = mb * 3 // 4
+            result["error"] = "out of memory when timed, even at micro-batch 1"
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--cap_gib", type=float, default=24.0)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--modes", nargs="+", default=["full", "full_lean", "lora_bf16", "lora_int8"], choices=list(MODES))
+    p.add_argument("--block_size", type=int, default=1024)
+    p.add_argument("--max_batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--one", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--skip_after_fail", action="store_true", help="once a mode fails at a shape, skip larger shapes")
+    args = p.parse_args()
+    if args.one:
+        return run_one(*args.one, args)
+    import torch
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, budget {args.cap_gib:g} GiB, block "
+          f"{args.block_size}, bf16 autocast, eager, PYTORCH_CUDA_ALLOC_CONF="
+          f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')}")
+    print(f"{'shape':>6} {'mode':>12} {'trainable':>14} {'micro-batch':>11} {'tokens/s':>10} {'peak GiB':>9}")
+    failed = set()
+    for shape in args.shapes:
+        for mode in args.modes:
+            if mode in failed:
+                print(f"{shape:>6} {mode:>12} {'':>14} {'skipped (a smaller shape did not fit)':>30}", flush=True)
+                continue
+            cmd = [sys.executable, __file__, "--one", shape, mode] + [a for a in sys.argv[1:]]
+            # expandable segments let freed blocks be reused for other sizes: less fragmentation near the cap
+            env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
+                                                                           "expandable_segments:True")}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{shape:>6} {mode:>12} crashed: {(out.stderr.strip().splitlines() or ['?'])[-1][:100]}",
+                      flush=True)
+                continue
+            r = json.loads(line[len("RESULT "):])
+            if r["micro_batch"]:
+                print(f"{shape:>6} {mode:>12} {r['trainable']:>14,} {r['micro_batch']:>11} {r['tok_s']:>10,.0f} "
+                      f"{r['peak_gib']:>9.2f}", flush=True)
+            else:
+                print(f"{shape:>6} {mode:>12} {r['trainable']:>14,} {'does not fit':>11} {r.get('error', '')[:60]}",
+                      flush=True)
+                if args.skip_after_fail:
+                    failed.add(mode)
+
+
+if __name__ == "__main__":
+    main()
