@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 MODEL = ["--n_layer=6", "--n_head=6", "--n_embd=384", "--block_size=256", "--batch_size=32", "--dropout=0.1",
-         "--progress=False", "--sample_tokens=0", "--overwrite=True", "--compile=False", "--eval_iters=20"]
+         "--progress=False", "--sample_tokens=0", "--overwrite=True", "--compile=False"]
 
 
 def read_any(path):
@@ -29,7 +29,7 @@ def read_any(path):
 
 
 def train(args, out, *flags):
-    cmd = [sys.executable, "train.py", *MODEL, f"--device={args.device}", f"--data_root={args.data_root}",
+    cmd = [sys.executable, "train.py", *MODEL, f"--eval_iters={args.eval_iters}", f"--device={args.device}", f"--data_root={args.data_root}",
            f"--out_dir={out}", *flags]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
@@ -45,8 +45,10 @@ def main():
     p.add_argument("--pretrain_iters", type=int, default=1000)
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--device", default="auto")
+    p.add_argument("--eval_iters", type=int, default=20)
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_finetune_"))
+    work.mkdir(parents=True, exist_ok=True)
     args.data_root = work / "data"
     shared = Path(args.shared) / "data"
     web = work / "webtext.txt"

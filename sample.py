@@ -2,12 +2,14 @@
 
     python sample.py --out_dir=out-small --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out-small --start=FILE:prompt.txt --temperature=0
+    python sample.py --out_dir=out --prompts=prompts.txt --max_new_tokens=64   # one prompt per line, batched
 
 Reads out_dir/ckpt.pt (weights_only=True) and the tokenizer from out_dir/meta.json, which train.py copies there.
 Any checkpoint kind loads: a full model, a LoRA run (its base is rebuilt and the adapters merged in) or a quantized
 file (--ckpt=out/ckpt_int8.pt). A classifier (train.py task="classify") prints each prompt line's label instead.
 """
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 
 import tokenizer as tok
-from configurator import UserError, autocast_context, load_config, resolve_device
+from configurator import UserError, autocast_context, load_config, resolve_auto_bool, resolve_device
 import finetune
 from model import read_checkpoint
 
@@ -31,6 +33,11 @@ class SampleConfig:
     top_k: int | None = 200  # sample only among the k most likely tokens; None for all
     top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much probability; 1.0 is off
     seed: int = 1337  # same seed, same checkpoint, same device: same text
+    prompts: str = ""  # a file of prompts, one per line (or .jsonl with a "prompt" field), generated in batches
+    batch_size: int = 16  # rows generated together (samples of one prompt, or prompts from the file)
+    stop: str = ""  # cut each sample after this text; "<|endoftext|>" also stops generating at GPT-2's end token
+    stream: bool | str = "auto"  # print tokens as they arrive (one prompt, one sample); "auto": on a terminal
+    cuda_graph: bool | str = "auto"  # replay the one-token decode step as a CUDA graph (inference.py); auto: on CUDA
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it (else float16), float32 elsewhere
 
@@ -58,46 +65,125 @@ def load_model(cfg, device):
     return model.to(device).eval(), enc
 
 
-def encode_prompt(cfg, enc):
-    text = cfg.start
-    if text.startswith("FILE:"):
-        path = Path(text[len("FILE:"):])
+def read_prompts(cfg, enc):
+    """[(token ids, tokens not to print)]: the prompt file's lines, or --start num_samples times."""
+    if cfg.prompts:
+        path = Path(cfg.prompts)
         try:
-            text = path.read_text(encoding="utf-8")
+            lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read the prompt file {path}: {e}")
-    try:
-        ids = enc.encode(text)
-    except tok.TokenizerError as e:
-        raise UserError(f"prompt: {e}")
-    if not ids:  # start from the end-of-text token (GPT-2) or token 0, which is not printed
-        return [enc.eot_token if enc.eot_token is not None else 0], 1
-    return ids, 0
+        texts = []
+        for i, line in enumerate(lines, 1):
+            if path.suffix == ".jsonl" and line.strip():
+                try:
+                    line = json.loads(line)["prompt"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path}:{i} is not a JSON object with a \"prompt\" field")
+            if line.strip():
+                texts.append(line)
+        if not texts:
+            raise UserError(f"{path} has no prompts (empty lines are skipped)")
+    else:
+        text = cfg.start
+        if text.startswith("FILE:"):
+            path = Path(text[len("FILE:"):])
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read the prompt file {path}: {e}")
+        texts = [text] * cfg.num_samples
+    prompts = []
+    for text in texts:
+        try:
+            ids = enc.encode(text)
+        except tok.TokenizerError as e:
+            raise UserError(f"prompt: {e}")
+        if not ids:  # start from the end-of-text token (GPT-2) or token 0, which is not printed
+            prompts.append(([enc.eot_token if enc.eot_token is not None else 0], 1))
+        else:
+            prompts.append((ids, 0))
+    return prompts
 
 
 def sample(cfg):
     cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or (cfg.top_k is not None and cfg.top_k < 1):
         raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1 (or None)")
+    if cfg.batch_size < 1 or cfg.num_samples < 1 or cfg.max_new_tokens < 1:
+        raise UserError("batch_size, num_samples and max_new_tokens must be at least 1")
+    cfg.cuda_graph = resolve_auto_bool("cuda_graph", cfg.cuda_graph, device_type == "cuda")
     ctx = autocast_context(device_type, cfg.dtype)
 
     model, enc = load_model(cfg, cfg.device)
     if model.config.n_classes > 0:
         return classify_lines(cfg, model, enc, ctx)
-    prompt, skip = encode_prompt(cfg, enc)
+    prompts = read_prompts(cfg, enc)
+    bs = model.config.block_size
+    for i, (ids, skip) in enumerate(prompts):
+        if len(ids) > bs:  # the model cannot see more: keep the end, which the next tokens depend on most
+            print(f"warning: prompt {i + 1} has {len(ids)} tokens, more than block_size={bs}; using its last {bs}",
+                  file=sys.stderr)
+            prompts[i] = (ids[-bs:], 0)
+    stop_token = enc.eot_token if cfg.stop == "<|endoftext|>" else None
+    stream = resolve_auto_bool("stream", cfg.stream, sys.stdout.isatty()) and len(prompts) == 1
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-    idx = torch.tensor([prompt], dtype=torch.long, device=cfg.device)  # (1, T)
+    longest = max(len(ids) for ids, _ in prompts)
+    engine = None
+    if longest + cfg.max_new_tokens <= bs:  # the batched engine; beyond block_size GPT.generate slides the window
+        from inference import Engine
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if device_type == "cuda" else None
+        engine = Engine(model, min(cfg.batch_size, len(prompts)), longest + cfg.max_new_tokens, cfg.device, dtype,
+                        cuda_graph=cfg.cuda_graph)
     texts = []
-    for _ in range(cfg.num_samples):
-        with ctx:
-            out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p, generator=gen)
-        text = enc.decode(out[0, skip:].tolist())
-        texts.append(text)
-        print(text)
-        print("-" * 40)
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[start:start + cfg.batch_size]
+        printer = Streamer(enc, batch[0][0][batch[0][1]:]) if stream else None
+        if engine is not None:
+            new = engine.generate([ids for ids, _ in batch], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                  gen, stop_token, printer and printer.add, ctx)
+        else:
+            new = []
+            for ids, _ in batch:
+                idx = torch.tensor([ids], dtype=torch.long, device=cfg.device)
+                with ctx:
+                    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                         generator=gen)
+                row = out[0, len(ids):].tolist()
+                new.append(row[:row.index(stop_token) + 1] if stop_token in row else row)
+        for (ids, skip), row in zip(batch, new):
+            prompt_text = enc.decode(ids[skip:])
+            text = enc.decode(ids[skip:] + row)
+            if cfg.stop and cfg.stop in text[len(prompt_text):]:
+                text = text[:text.index(cfg.stop, len(prompt_text)) + len(cfg.stop)]
+            texts.append(text)
+            if printer is None:
+                print(text)
+            else:
+                printer.finish(text)
+            print("-" * 40)
     return texts
+
+
+class Streamer:
+    """Prints a sample as its tokens arrive. Decoding the whole row each time keeps multi-byte characters that
+    span tokens intact; a trailing U+FFFD means the character is not complete yet, so it waits."""
+
+    def __init__(self, enc, prompt_ids):
+        self.enc, self.ids, self.shown = enc, list(prompt_ids), ""
+        print(enc.decode(self.ids), end="", flush=True)
+        self.shown = enc.decode(self.ids)
+
+    def add(self, step, tokens):
+        self.ids.append(int(tokens[0]))
+        text = self.enc.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self, text):
+        print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text)
 
 
 @torch.no_grad()
