@@ -1,0 +1,74 @@
+"""Knowledge distillation: train a student GPT toward a frozen teacher's soft labels as well as the data.
+
+    teacher = load_teacher("out-big/ckpt.pt", device, vocab_size=student_vocab, block_size=student_block)
+    with torch.no_grad(), ctx:
+        teacher_logits, _ = teacher(x)
+    with ctx:
+        student_logits, _ = model(x)
+    loss, parts = distill_loss(student_logits, teacher_logits, y, alpha=0.5, temperature=2.0)
+
+The teacher's full next-token distribution carries more than the one observed token: which other tokens were
+plausible and how much ("dark knowledge", Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural
+Network"). Teacher and student must share a tokenizer, since the KL term compares their probabilities token id by
+token id.
+
+Memory: the loss holds a few float32 tensors of (tokens, vocab), e.g. 2.4 GB each for 12 x 1024 tokens over
+GPT-2's 50257; the teacher's forward costs no activations for backward (no_grad).
+"""
+
+from pathlib import Path
+
+import torch.nn.functional as F
+
+from finetune import start_model
+
+
+def load_teacher(source, device, vocab_size, block_size):
+    """The teacher from a sologpt checkpoint file (any kind: full, LoRA, quantized) or a Hugging Face GPT-2
+    directory: in eval mode (no dropout), every parameter frozen, on device. Raises ValueError with one line when
+    it cannot teach a student of this vocab_size and block_size."""
+    if not Path(source).exists():
+        raise ValueError(f"teacher {source} does not exist: give a sologpt checkpoint file or a GPT-2 directory")
+    teacher = start_model(source)  # a directory loads as GPT-2, a file as a sologpt checkpoint
+    c = teacher.config
+    if c.n_classes > 0:
+        raise ValueError(f"teacher {source} is a classifier: distillation needs a language model teacher")
+    if c.vocab_size != vocab_size:
+        raise ValueError(f"teacher has a vocabulary of {c.vocab_size} tokens, the student {vocab_size}: "
+                         f"distill between models that share a tokenizer")
+    if c.block_size < block_size:
+        raise ValueError(f"teacher has block_size {c.block_size}, the student {block_size}: the teacher must see "
+                         f"the student's whole context, so lower --block_size to {c.block_size} or less")
+    teacher.requires_grad_(False)  # no .grad, no optimizer state, and autograd records nothing through it
+    return teacher.to(device).eval()
+
+
+def distill_loss(student_logits, teacher_logits, targets, alpha, temperature):
+    """(loss, parts) for logits (B, T, vocab) and targets (B, T), where targets of -1 are ignored:
+
+        loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, targets)
+
+    KL is summed over the vocabulary and averaged over the tokens whose target is not -1, like the CE.
+    T^2: the gradient of the softened KL scales as 1 / T^2, so multiplying by T^2 keeps the two terms' relative
+    weight the same whichever temperature is used (Hinton et al. 2015, section 2).
+    Computed in float32 whatever the logits' dtype. parts = {"kl", "ce"}: detached tensors, so logging them
+    costs a GPU sync only when the caller calls .item()."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must be between 0 (data only) and 1 (teacher only)")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: the models must share a tokenizer")
+    V = student_logits.size(-1)
+    s = student_logits.float().reshape(-1, V)  # (N, V)
+    t = teacher_logits.detach().float().reshape(-1, V)  # (N, V): the teacher is a fixed target
+    y = targets.reshape(-1)  # (N,)
+    keep = (y != -1).float()  # (N,)
+    log_ps = F.log_softmax(s / temperature, dim=-1)  # (N, V)
+    log_pt = F.log_softmax(t / temperature, dim=-1)  # (N, V)
+    kl_per_token = F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(-1)  # (N,): sum pt (log pt - log ps)
+    kl = (kl_per_token * keep).sum() / keep.sum().clamp(min=1)
+    ce = F.cross_entropy(s, y, ignore_index=-1)
+    loss = alpha * temperature**2 * kl + (1 - alpha) * ce
+    return loss, {"kl": kl.detach(), "ce": ce.detach()}

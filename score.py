@@ -1,0 +1,196 @@
+"""Score a text under a model: negative log-likelihood, perplexity, bits per token and bits per character.
+
+    python score.py --out_dir=out-small --input=data/shakespeare/input.txt
+    python score.py --ckpt=out-small/ckpt_int4.pt --input=held_out.txt      # any checkpoint kind, quantized too
+    python score.py --hf_dir=gpt2 --input=held_out.txt --stride=512          # a Hugging Face GPT-2 directory
+
+The text is tokenized with the model's own tokenizer (meta.json beside the checkpoint; GPT-2's BPE for --hf_dir).
+Every token after the first is scored once. A text longer than the context is read in windows of block_size tokens
+that start `stride` tokens apart: each window scores only the tokens the previous windows did not, so every token
+but those of the first window sees at least block_size - stride tokens of left context. stride=1 gives every token
+its full context (slow); stride=block_size gives the cheapest, worst estimate. This is the usual strided
+evaluation (Hugging Face's "Perplexity of fixed-length models" guide), except that a window's first target is the
+token just after the previous window's last target, so no token is skipped between windows.
+
+bits per character = total NLL / ln 2 / the characters the scored tokens cover: the text minus the characters of its
+first token, which is never predicted (a character split across tokens counts as scored). Per character, unlike per
+token, the numbers of models with different tokenizers can be compared.
+"""
+
+import itertools
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import finetune
+import tokenizer as tok
+from configurator import UserError, autocast_context, load_config, resolve_device
+from model import GPT, read_checkpoint
+
+
+@dataclass
+class ScoreConfig:
+    out_dir: str = "out"  # folder with ckpt.pt and meta.json
+    ckpt: str = ""  # another checkpoint file (e.g. out/ckpt_int8.pt); "" is out_dir/ckpt.pt
+    hf_dir: str = ""  # score a Hugging Face GPT-2 directory instead (GPT-2 tokenizer); out_dir and ckpt are ignored
+    input: str = ""  # the UTF-8 text file to score
+    stride: int = 0  # tokens between window starts; 0 is block_size // 2
+    batch_size: int = 8  # windows per forward pass (same result, only speed and memory change)
+    device: str = "auto"  # "auto" picks cuda, then mps, then cpu
+    dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it (else float16), float32 elsewhere
+
+
+def windows(n_tokens, block_size, stride):
+    """(start, first_target, end) per window over ids[0:n_tokens]: the window reads ids[start:end-1] and predicts
+    ids[start+1:end]; only targets first_target..end-1 are scored. Together the windows score 1..n_tokens-1 once."""
+    out, done = [], 1  # targets before `done` are scored
+    while done < n_tokens:
+        end = min(n_tokens, block_size + 1 if done == 1 else done + stride)
+        start = max(0, end - 1 - block_size)  # as much left context as fits in block_size inputs
+        out.append((start, done, end))
+        done = end
+    return out
+
+
+def batches(spans, batch_size):
+    """Consecutive windows of one length, batch_size at a time (all windows are full but a short text's only one)."""
+    out = []
+    for _, group in itertools.groupby(spans, key=lambda w: w[2] - w[0] - 1):
+        group = list(group)
+        out += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    return out
+
+
+@torch.no_grad()
+def score_text(model, enc_ids, block_size, stride, device, ctx, batch_size=8):
+    """Total and mean NLL of enc_ids[1:] under model (a language model), windows as in windows().
+    Returns {"tokens", "total_nll", "mean_nll", "perplexity", "bits_per_token"}; NLLs in nats."""
+    ids = torch.as_tensor(enc_ids, dtype=torch.long)
+    if ids.numel() < 2:
+        raise ValueError(f"the text has {ids.numel()} token(s); scoring needs at least 2 (the first is only context)")
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride={stride} must be between 1 and block_size={block_size}")
+    was_training = model.training
+    model.eval()
+    total = 0.0  # a Python float (float64): summing a million per-token NLLs in float32 would lose digits
+    for batch in batches(windows(ids.numel(), block_size, stride), batch_size):
+        x = torch.stack([ids[s:e - 1] for s, _, e in batch])  # (B, T)
+        y = torch.stack([ids[s + 1:e] for s, _, e in batch])  # (B, T)
+        for row, (s, first, _) in enumerate(batch):
+            y[row, :first - s - 1] = -1  # targets an earlier window scored: context only
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            logits, _ = model(x)  # (B, T, vocab)
+        # float32: the log-softmax of bf16 logits over a large vocabulary loses precision
+        nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
+        total += nll.item()
+    model.train(was_training)
+    n = ids.numel() - 1
+    mean = total / n
+    return {"tokens": n, "total_nll": total, "mean_nll": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf,
+            "bits_per_token": mean / math.log(2)}
+
+
+def find_meta(ckpt_path, ckpt):
+    """The tokenizer's meta.json: beside the checkpoint (train.py copies it there), else in the dataset folder."""
+    train_cfg = ckpt.get("train_config") or {}
+    candidates = [Path(ckpt_path).parent / "meta.json"]
+    if "data_root" in train_cfg and "dataset" in train_cfg:
+        candidates.append(Path(train_cfg["data_root"]) / train_cfg["dataset"] / "meta.json")
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise UserError(f"no meta.json beside {ckpt_path} or in the dataset folder: the tokenizer is unknown")
+    return path
+
+
+def load(cfg):
+    """(model on the CPU, tokenizer, a name for printing) for the configured source."""
+    try:
+        if cfg.hf_dir:
+            if not Path(cfg.hf_dir).is_dir():
+                raise UserError(f"--hf_dir {cfg.hf_dir} is not a directory: give a Hugging Face GPT-2 folder")
+            enc = tok.from_meta({"tokenizer": "gpt2", "vocab_size": 50257})  # what every GPT-2 checkpoint uses
+            return GPT.from_pretrained(cfg.hf_dir), enc, cfg.hf_dir
+        path = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
+        ckpt = read_checkpoint(path)
+        model = finetune.load_model(ckpt, path)
+        enc = tok.from_meta(tok.load_meta(find_meta(path, ckpt)))
+    except ValueError as e:  # tok.TokenizerError is a ValueError too
+        raise UserError(str(e))
+    return model, enc, str(path)
+
+
+def read_text(path):
+    if not path:
+        raise UserError("no text to score: pass --input=FILE (UTF-8 text)")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read --input {path}: {e.strerror or e}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}): convert it to UTF-8")
+
+
+def encode(enc, text, vocab_size):
+    try:
+        ids = enc.encode(text)
+    except tok.TokenizerError as e:
+        raise UserError(f"input: {e}")
+    if len(ids) < 2:
+        raise UserError(f"the input is {len(ids)} token(s) long: scoring needs at least 2 (the first is only context)")
+    if max(ids) >= vocab_size:  # e.g. a GPT-2 directory with a smaller vocabulary than GPT-2's tokenizer
+        raise UserError(f"the input has token id {max(ids)} but the model knows only {vocab_size} tokens: "
+                        f"score it with the tokenizer the model was trained with")
+    return ids
+
+
+def scored_chars(enc, text, ids):
+    """Characters covered by ids[1:]: all of the text but its first token's (which may be a partial character)."""
+    first = enc.decode(ids[:1])
+    return len(text) - (len(first) if text.startswith(first) else 0)
+
+
+def score(cfg):
+    cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
+    if cfg.batch_size < 1:
+        raise UserError(f"batch_size={cfg.batch_size} must be at least 1")
+    text = read_text(cfg.input)
+    model, enc, name = load(cfg)
+    if model.config.n_classes > 0:
+        raise UserError(f"{name} is a classifier: scoring needs a language model")
+    block_size = model.config.block_size
+    stride = cfg.stride or max(1, block_size // 2)
+    if not 1 <= stride <= block_size:
+        raise UserError(f"stride={stride} must be between 1 and the model's block_size={block_size} (0: half of it)")
+    ids = encode(enc, text, model.config.vocab_size)
+    model.to(cfg.device)
+    result = score_text(model, ids, block_size, stride, cfg.device, autocast_context(device_type, cfg.dtype),
+                        cfg.batch_size)
+    result["characters"] = scored_chars(enc, text, ids)
+    result["bits_per_char"] = result["total_nll"] / math.log(2) / max(1, result["characters"])
+    print(f"{name} on {cfg.input}: block_size {block_size}, stride {stride}, {cfg.device} {cfg.dtype}")
+    print(f"tokens       {result['tokens']:,} (scored; the first token is context only)")
+    print(f"characters   {result['characters']:,}")
+    print(f"mean NLL     {result['mean_nll']:.4f} nats/token")
+    print(f"perplexity   {result['perplexity']:.4f}")
+    print(f"bits/token   {result['bits_per_token']:.4f}")
+    print(f"bits/char    {result['bits_per_char']:.4f}")
+    return result
+
+
+def main(argv=None):
+    try:
+        score(load_config(ScoreConfig, sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
