@@ -67,6 +67,13 @@ class TrainConfig:
     lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: str = "attn"  # layers to adapt: c_attn, attn.c_proj, c_fc, mlp.c_proj; groups attn, mlp, all
+    # ---- compression (quantize.py, distill.py); off by default
+    qat: str = ""  # "int8" or "int4": train against fake-quantized block weights (straight-through), then export
+    # with python quantize.py --mode=<same>; the weights stay float, so the checkpoint is an ordinary one
+    qat_group_size: int = 128  # int4 groups along the input dimension (as quantize.py --group_size)
+    teacher: str = ""  # a checkpoint file or GPT-2 directory: the student also learns the teacher's soft labels
+    distill_alpha: float = 0.5  # share of the loss from the teacher (KL at distill_temperature); the rest is plain CE
+    distill_temperature: float = 2.0  # > 1 softens both distributions (Hinton et al. 2015)
     # ---- memory (memory.py); all off by default
     grad_checkpointing: int = 0  # k > 0: recompute every k-th block's activations in backward (1: every block)
     optim_state: str = "fp32"  # AdamW moments in "fp32", "bf16" or "int8" (block-wise 8-bit; lean_optim.py)
@@ -134,6 +141,13 @@ def resolve(cfg):
             raise UserError(f"{key}={getattr(cfg, key)!r} is unknown: use one of {', '.join(allowed)}")
     if cfg.base_dtype != "fp32" and not (cfg.lora_rank or cfg.freeze_layers):
         raise UserError(f"base_dtype={cfg.base_dtype!r} applies to frozen weights: set lora_rank or freeze_layers")
+    if cfg.qat not in ("", "int8", "int4"):
+        raise UserError(f"qat={cfg.qat!r} is unknown: use '', 'int8' or 'int4'")
+    if cfg.teacher and (cfg.task != "lm" or not Path(cfg.teacher).exists()):
+        raise UserError(f"teacher={cfg.teacher!r} must be an existing checkpoint file or GPT-2 directory, "
+                        f"with task 'lm'")
+    if not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_temperature <= 0:
+        raise UserError("distill_alpha must be in [0, 1] and distill_temperature above 0")
     if cfg.lora_rank and cfg.init_from == "scratch":
         raise UserError("lora_rank > 0 adapts pretrained weights: set init_from to a GPT-2 directory or a checkpoint")
     if cfg.lora_rank:
@@ -146,7 +160,7 @@ def resolve(cfg):
         raise UserError(f"attn_backend={cfg.attn_backend!r} is unknown: use one of {', '.join(ATTN_BACKENDS)}")
     cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
     graphable = (device_type == "cuda" and cfg.dtype != "float16" and cfg.device in ("cuda", "cuda:0")
-                 and cfg.task == "lm" and cfg.optim_state == "fp32" and cfg.batch_size != "auto")
+                 and cfg.task == "lm" and cfg.optim_state == "fp32" and cfg.batch_size != "auto" and not cfg.teacher)
     cfg.cuda_graphs = resolve_auto_bool("cuda_graphs", cfg.cuda_graphs, graphable)
     if cfg.cuda_graphs and not graphable:
         raise UserError(f"cuda_graphs=True needs device cuda (cuda:0; pick another card with CUDA_VISIBLE_DEVICES), "
@@ -478,6 +492,12 @@ def train(cfg):
                               adapter=ckpt.get("adapter") if ckpt is not None else None)
     except ValueError as e:
         raise UserError(str(e))
+    if cfg.qat:
+        import quantize
+        try:
+            quantize.enable_qat(model, cfg.qat, cfg.qat_group_size)  # same parameters and checkpoint keys
+        except ValueError as e:
+            raise UserError(f"qat: {e}")
     memory.lower_frozen_weights(model, cfg.base_dtype)  # before loading: a checkpoint holds them lowered already
     model.grad_checkpointing = cfg.grad_checkpointing
     if ckpt is not None:
@@ -485,6 +505,13 @@ def train(cfg):
     if cfg.freeze_layers or cfg.freeze_embeddings or cfg.lora_rank:
         print(finetune.trainable_report(model)[2])
     model.to(cfg.device)
+    teacher = None
+    if cfg.teacher:
+        import distill
+        try:
+            teacher = distill.load_teacher(cfg.teacher, cfg.device, model.config.vocab_size, cfg.block_size)
+        except ValueError as e:
+            raise UserError(str(e))
 
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.batch_size == "auto":
@@ -584,6 +611,7 @@ def train(cfg):
                unit="step", file=sys.stdout)
     log = bar.write
     loss_sum = torch.zeros((), device=cfg.device)  # summed on the device; read only at log steps
+    skipped_steps = 0  # float16: optimizer steps the loss scaler skipped because gradients overflowed
     steps_since_log, t_log = 0, time.perf_counter()
     try:
         while True:
@@ -615,6 +643,8 @@ def train(cfg):
                 record.update(lr=get_lr(max(iter_num - 1, 0), cfg), tokens=iter_num * tokens_per_step,
                               time_s=round(time.time() - t_start, 3), peak_alloc_gib=round(alloc, 3),
                               peak_reserved_gib=round(reserved, 3))
+                if scaler.is_enabled():
+                    record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped_steps)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if improved or cfg.always_save_checkpoint:
@@ -644,15 +674,23 @@ def train(cfg):
                         x, y = get_batch(splits["train"], cfg.batch_size, cfg.block_size, batch_gen, cfg.device)
                         extra = {}
                     with ctx:
-                        _, loss = train_model(x, y, **extra)
+                        logits, loss = train_model(x, y, **extra)
+                        if teacher is not None:  # the student learns the teacher's soft labels too (distill.py)
+                            with torch.no_grad():
+                                teacher_logits, _ = teacher(x)
+                            loss, _ = distill.distill_loss(logits, teacher_logits, y, cfg.distill_alpha,
+                                                           cfg.distill_temperature)
                         loss = loss / cfg.gradient_accumulation_steps  # gradients add up over micro-batches
                     scaler.scale(loss).backward()
                     loss_sum += loss.detach()
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
+                scale = scaler.get_scale() if scaler.is_enabled() else None  # float16 only (a host sync)
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
                 scaler.update()
+                if scale is not None and scaler.get_scale() < scale:  # the scale drops only after an overflow
+                    skipped_steps += 1
                 optimizer.zero_grad(set_to_none=True)
             iter_num += 1
             steps_since_log += 1
@@ -669,6 +707,8 @@ def train(cfg):
                 dt = (time.perf_counter() - t_log) / steps_since_log
                 line = (f"step {iter_num:>6} | loss {loss_val:.4f} | lr {lr:.2e} | "
                         f"{tokens_per_step / dt:>9,.0f} tok/s | {dt * 1000:7.1f} ms/step")
+                if scaler.is_enabled():
+                    line += f" | scale {scaler.get_scale():.0f}, {skipped_steps} skipped steps"
                 if peak:
                     line += f" | mfu {100 * flops_per_step / dt / peak:4.1f}%"
                 alloc, reserved = peak_memory_gib(cfg.device)

@@ -82,3 +82,30 @@ def test_float16_with_loss_scaling(gpu_flags, tmp_path):
     run(gpu_flags + ["--dtype=float16"])
     ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["scaler"]["scale"] > 0 and metrics(tmp_path / "out")[12]["val_loss"] < 3.9
+
+
+def test_fp8_training_tracks_bf16(gpu_flags, tmp_path):
+    cap = torch.cuda.get_device_capability()
+    if cap < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    flags = [f for f in gpu_flags if not f.startswith("--n_embd")] + ["--n_embd=64", "--dtype=bfloat16",
+                                                                      "--max_iters=30", "--eval_interval=30"]
+    run(flags)
+    plain = metrics(tmp_path / "out")[30]["val_loss"]
+    run([f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'fp8'}" for f in flags] + ["--fp8=True"])
+    low = metrics(tmp_path / "fp8")[30]["val_loss"]
+    assert abs(low - plain) < 0.05 * plain
+
+
+def test_engine_cuda_graph_equals_eager():
+    from inference import Engine
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=128)).cuda().eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    eager = Engine(model, 3, 40, "cuda").generate(prompts, 24, temperature=0)
+    graphed = Engine(model, 3, 40, "cuda", cuda_graph=True).generate(prompts, 24, temperature=0)
+    assert graphed == eager
+    for p, row in zip(prompts, eager):
+        alone = model.generate(torch.tensor([p], device="cuda"), 24, temperature=0, use_cache=False)[0, len(p):]
+        assert row == alone.tolist()

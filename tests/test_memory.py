@@ -169,3 +169,25 @@ def test_memory_switch_errors(tiny_flags, capsys, flags, message):
     with pytest.raises(SystemExit):
         train_mod.main(tiny_flags + flags)
     assert message in capsys.readouterr().err
+
+
+def test_float16_skipped_steps_are_counted_and_logged(tiny_flags, tmp_path, monkeypatch, capsys):
+    import finetune
+    real_freeze = finetune.freeze
+    calls = {"n": 0}
+
+    def freeze_and_poison(model, *args):  # the 3rd backward overflows, as a too-large loss scale would
+        def hook(grad):
+            calls["n"] += 1
+            return grad * float("inf") if calls["n"] == 3 else grad
+        model.transformer.ln_f.weight.register_hook(hook)
+        return real_freeze(model, *args)
+
+    monkeypatch.setattr(finetune, "freeze", freeze_and_poison)
+    run(tiny_flags + ["--max_iters=5", "--dtype=float16", "--eval_interval=5"])
+    out = capsys.readouterr().out
+    assert "1 skipped steps" in out
+    last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["skipped_steps"] == 1 and last["loss_scale"] == 65536.0 / 2
+    ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["scaler"]["scale"] == 65536.0 / 2  # the scaler's state is in the checkpoint
