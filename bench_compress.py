@@ -46,6 +46,7 @@ def main():
     p.add_argument("--qat_steps", type=int, default=500)
     p.add_argument("--work", default=None)
     p.add_argument("--eval_iters", type=int, default=0, help="override the configs' (for a quick check)")
+    p.add_argument("--only", choices=("distill", "qat"), help="run one of the two experiments")
     args = p.parse_args()
     args.work = Path(args.work or tempfile.mkdtemp(prefix="bench_compress_"))
     args.work.mkdir(parents=True, exist_ok=True)
@@ -56,6 +57,9 @@ def main():
     w = args.work
 
     small = ["config/small.py", f"--max_iters={args.iters}", f"--eval_interval={args.iters}"]
+    if args.only == "qat":
+        train(args, w / "student", *small)
+        return qat(args, w)
     train(args, w / "teacher", "config/shakespeare_char.py", f"--max_iters={args.teacher_iters}",
           f"--eval_interval={args.teacher_iters}")
     train(args, w / "student", *small)
@@ -64,7 +68,11 @@ def main():
     print(f"distillation, val NLL per character (score.py), {args.iters} student steps:")
     for name in ("teacher", "student", "distilled"):
         print(f"  {name:10s} {val_loss(args, w / name / 'ckpt.pt')}", flush=True)
+    if args.only != "distill":
+        qat(args, w)
 
+
+def qat(args, w):
     print("quantization of the student (val NLL per character):")
     base = w / "student" / "ckpt.pt"
     print(f"  float                          {val_loss(args, base)}")

@@ -283,3 +283,14 @@ def test_resize_vocab_from_gpt2_weights(gpt2_setup):
     assert model(idx)[0].shape == (1, 3, 50260)
     with pytest.raises(ValueError, match="cannot shrink"):
         model.resize_vocab(100)
+
+
+def test_finetune_shakespeare_config_runs(gpt2_setup, tmp_path):
+    from conftest import REPO
+    run([str(REPO / "config" / "finetune_shakespeare.py"), f"--init_from={gpt2_setup / 'gpt2'}",
+         f"--data_root={gpt2_setup / 'data'}", "--dataset=bpe", f"--out_dir={tmp_path / 'o'}", "--device=cpu",
+         "--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=1", "--max_iters=2",
+         "--eval_interval=2", "--eval_iters=1", "--progress=False", "--sample_tokens=0"])
+    ckpt = read_checkpoint(tmp_path / "o" / "ckpt.pt")
+    assert ckpt["iter_num"] == 2 and ckpt["model_config"]["vocab_pad_multiple"] == 64
+    assert ckpt["train_config"]["learning_rate"] == 3e-5
