@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from configurator import UserError, autocast_context, load_config, print_config, resolve_auto_bool, resolve_device
 from model import CKPT_FORMAT_VERSION, GPT, GPTConfig, read_checkpoint
+import curriculum
 import finetune
 import memory
 import tokenizer as tok
@@ -58,6 +59,10 @@ class TrainConfig:
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (the explicit formula)
     vocab_pad_multiple: int = 1  # round the embedding up to a multiple of this (64: faster on GPUs; README)
     attn_backend: str = "auto"  # CUDA kernel behind sdpa: "auto" (PyTorch picks), "flash", "cudnn" or "efficient"
+    # ---- curriculum (curriculum.py); off by default
+    seq_warmup_iters: int = 0  # > 0: sequences grow from seq_warmup_start to block_size over this many steps,
+    seq_warmup_start: int = 64  # with the batch widened so the tokens per step stay the same
+    curriculum: str = "none"  # "unigram": the first epoch visits the windows easiest first, then random batches
     # ---- fine-tuning (finetune.py); all off by default
     task: str = "lm"  # "lm" (next-token prediction) or "classify" (prepare/classify.py data, classification head)
     cls_pool: str = "last"  # task "classify": the head reads the "last" token's hidden state or the "mean" of all
@@ -141,6 +146,12 @@ def resolve(cfg):
             raise UserError(f"{key}={getattr(cfg, key)!r} is unknown: use one of {', '.join(allowed)}")
     if cfg.base_dtype != "fp32" and not (cfg.lora_rank or cfg.freeze_layers):
         raise UserError(f"base_dtype={cfg.base_dtype!r} applies to frozen weights: set lora_rank or freeze_layers")
+    if cfg.curriculum not in ("none", "unigram"):
+        raise UserError(f"curriculum={cfg.curriculum!r} is unknown: use 'none' or 'unigram'")
+    if cfg.seq_warmup_iters and not 1 <= cfg.seq_warmup_start <= cfg.block_size:
+        raise UserError(f"seq_warmup_start={cfg.seq_warmup_start} must be between 1 and block_size={cfg.block_size}")
+    if (cfg.seq_warmup_iters or cfg.curriculum != "none") and cfg.task != "lm":
+        raise UserError("seq_warmup_iters and curriculum apply to task 'lm'")
     if cfg.qat not in ("", "int8", "int4"):
         raise UserError(f"qat={cfg.qat!r} is unknown: use '', 'int8' or 'int4'")
     if cfg.teacher and (cfg.task != "lm" or not Path(cfg.teacher).exists()):
@@ -160,7 +171,8 @@ def resolve(cfg):
         raise UserError(f"attn_backend={cfg.attn_backend!r} is unknown: use one of {', '.join(ATTN_BACKENDS)}")
     cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
     graphable = (device_type == "cuda" and cfg.dtype != "float16" and cfg.device in ("cuda", "cuda:0")
-                 and cfg.task == "lm" and cfg.optim_state == "fp32" and cfg.batch_size != "auto" and not cfg.teacher)
+                 and cfg.task == "lm" and cfg.optim_state == "fp32" and cfg.batch_size != "auto" and not cfg.teacher
+                 and not cfg.seq_warmup_iters and cfg.curriculum == "none")
     cfg.cuda_graphs = resolve_auto_bool("cuda_graphs", cfg.cuda_graphs, graphable)
     if cfg.cuda_graphs and not graphable:
         raise UserError(f"cuda_graphs=True needs device cuda (cuda:0; pick another card with CUDA_VISIBLE_DEVICES), "
@@ -564,6 +576,11 @@ def train(cfg):
         except ValueError as e:
             raise UserError(str(e))
         fp8.convert_to_fp8(model)  # same parameters and checkpoint keys; only the matmuls change
+    easy = None
+    if cfg.curriculum == "unigram":
+        easy = curriculum.EasyFirst(splits["train"], cfg.block_size, model.config.vocab_size)
+        print(f"curriculum: {len(easy.order):,} windows, easiest first for "
+              f"{len(easy.order) // (cfg.batch_size * cfg.gradient_accumulation_steps):,} steps")
     train_model = torch.compile(model) if cfg.compile else model  # `model` stays uncompiled for saving
     graphed = None
     if cfg.cuda_graphs:
@@ -665,13 +682,16 @@ def train(cfg):
             else:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                for _ in range(cfg.gradient_accumulation_steps):
+                B, T = curriculum.batch_shape(iter_num, cfg)  # (batch_size, block_size) unless warming up
+                for micro in range(cfg.gradient_accumulation_steps):
                     if cfg.task == "classify":  # right-padded examples, their lengths and labels
                         x, lengths, y = classify.get_batch(splits["train"], cfg.batch_size, cfg.block_size,
                                                            batch_gen, cfg.device)
                         extra = {"lengths": lengths}
                     else:
-                        x, y = get_batch(splits["train"], cfg.batch_size, cfg.block_size, batch_gen, cfg.device)
+                        xy = easy.batch(iter_num * cfg.gradient_accumulation_steps + micro, B, cfg.device) if easy \
+                            else None  # easy-first windows, until the first epoch is used up
+                        x, y = xy if xy is not None else get_batch(splits["train"], B, T, batch_gen, cfg.device)
                         extra = {}
                     with ctx:
                         logits, loss = train_model(x, y, **extra)
