@@ -1,12 +1,16 @@
 """Text <-> token ids, rebuilt from a dataset's meta.json (written by the prepare/ scripts).
 
 meta["tokenizer"] is "char" (meta["chars"] lists the characters in id order) or a tiktoken encoding name
-such as "gpt2". Everything needed to decode lives in meta.json, so a checkpoint plus its meta.json is enough
-to sample.
+such as "gpt2". An optional meta["extra_tokens"] lists domain terms added as whole tokens after the
+encoding's own ids (prepare/text.py --extra_tokens): GPT-2 plus 3 terms has ids 0..50259. Everything
+needed to decode lives in meta.json, so a checkpoint plus its meta.json is enough to sample.
 """
 
 import json
+import re
 from pathlib import Path
+
+EOT = "<|endoftext|>"
 
 
 class TokenizerError(ValueError):
@@ -14,11 +18,11 @@ class TokenizerError(ValueError):
 
 
 class CharTokenizer:
-    def __init__(self, chars):
+    def __init__(self, chars, eot_token=None):
         self.chars = chars
         self.stoi = {ch: i for i, ch in enumerate(chars)}
         self.vocab_size = len(chars)
-        self.eot_token = None
+        self.eot_token = eot_token  # the id of the document separator, if the dataset has one
 
     def encode(self, text):
         unknown = sorted(set(text) - self.stoi.keys())
@@ -33,18 +37,78 @@ class CharTokenizer:
 
 
 class TiktokenTokenizer:
-    def __init__(self, name):
+    """A tiktoken encoding, optionally extended with whole-word extra tokens after its own ids."""
+
+    def __init__(self, name, extra_tokens=()):
         import tiktoken
-        self.enc = tiktoken.get_encoding(name)
+        base = tiktoken.get_encoding(name)
+        self.name, self.extra_tokens, self.eot_token = name, list(extra_tokens), base.eot_token
+        self.extra_ids = {term: base.n_vocab + i for i, term in enumerate(self.extra_tokens)}
+        if len(self.extra_ids) < len(self.extra_tokens) or base.special_tokens_set & set(self.extra_ids):
+            raise TokenizerError(f"extra tokens must be distinct and not {name}'s own special tokens: "
+                                 "run the dataset's prepare/ script again")
+        if self.extra_tokens:
+            # tiktoken's README extends an encoding this way; as special tokens the terms decode like any id
+            self.enc = tiktoken.Encoding(f"{name}+extra", pat_str=base._pat_str,
+                                         mergeable_ranks=base._mergeable_ranks,
+                                         special_tokens={**base._special_tokens, **self.extra_ids})
+        else:
+            self.enc = base
         self.vocab_size = self.enc.n_vocab
-        self.eot_token = self.enc.eot_token
+        # Longest first, so "GPU cluster" wins over "GPU": a regex alternation takes the first that matches.
+        terms = sorted(self.extra_ids, key=len, reverse=True)
+        self._extra = re.compile("|".join(map(re.escape, terms))) if terms else None
+        self._extra_or_eot = re.compile("|".join(map(re.escape, [*terms, EOT])))
+
+    def _encode_split(self, text, pattern, ids):
+        """encode_ordinary between the matches of pattern; each match becomes its id."""
+        out, pos = [], 0
+        for m in pattern.finditer(text):
+            out += self.enc.encode_ordinary(text[pos:m.start()])
+            out.append(ids[m.group()])
+            pos = m.end()
+        return out + self.enc.encode_ordinary(text[pos:])
+
+    def encode_ordinary(self, text):
+        """Ids for training text: "<|endoftext|>" in it is plain text, each extra term its own id
+        wherever it occurs (also inside a longer word: "GPUs" is GPU + "s")."""
+        if self._extra is None:
+            return self.enc.encode_ordinary(text)
+        return self._encode_split(text, self._extra, self.extra_ids)
 
     def encode(self, text):
         # "<|endoftext|>" written in a prompt means the special token, as GPT-2 was trained with it
-        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+        if self._extra is None:
+            return self.enc.encode(text, allowed_special={EOT})
+        return self._encode_split(text, self._extra_or_eot, {**self.extra_ids, EOT: self.eot_token})
 
     def decode(self, ids):
         return self.enc.decode(ids)
+
+
+def read_extra_tokens(path, name="gpt2"):
+    """The terms in a file (one per line; blank lines and surrounding spaces ignored) that become new
+    tokens, in file order, and one warning per line skipped: a repeated term, or one the encoding
+    already has as a single token (a new id would never be trained)."""
+    import tiktoken
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"cannot read the extra tokens file {path} ({e}): "
+                             "give a UTF-8 text file, one term a line")
+    base = tiktoken.get_encoding(name)
+    terms, warnings = {}, []  # a dict keeps file order and finds repeats fast
+    for lineno, line in enumerate(lines, 1):
+        term = line.strip()
+        if not term:
+            continue
+        if term in terms:
+            warnings.append(f"{path}:{lineno}: {term!r} is listed twice; kept once")
+        elif term in base.special_tokens_set or len(base.encode_ordinary(term)) == 1:
+            warnings.append(f"{path}:{lineno}: {term!r} is already a single {name} token; skipped")
+        else:
+            terms[term] = None
+    return list(terms), warnings
 
 
 def load_meta(path):
@@ -68,9 +132,17 @@ def from_meta(meta):
     if kind == "char":
         if not isinstance(meta.get("chars"), str) or len(meta["chars"]) != meta["vocab_size"]:
             raise TokenizerError("meta.json of a char dataset needs 'chars' with vocab_size characters")
-        return CharTokenizer(meta["chars"])
+        return CharTokenizer(meta["chars"], meta.get("eot_token"))
+    extra = meta.get("extra_tokens", [])
+    if not isinstance(extra, list) or not all(isinstance(t, str) and t for t in extra):
+        raise TokenizerError("meta.json's 'extra_tokens' must be a list of non-empty strings: "
+                             "run the dataset's prepare/ script again")
     try:
-        return TiktokenTokenizer(kind)
+        tok = TiktokenTokenizer(kind, extra)
     except Exception as e:  # unknown name, or the BPE files cannot be fetched offline
         raise TokenizerError(f"tokenizer {kind!r} from meta.json cannot be loaded ({type(e).__name__}: {e}); "
                              f"offline, set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+    if extra and tok.vocab_size != meta["vocab_size"]:  # a hand-edited list would shift every id after it
+        raise TokenizerError(f"meta.json says vocab_size={meta['vocab_size']} but {kind} plus {len(extra)} extra "
+                             f"tokens makes {tok.vocab_size}: run the dataset's prepare/ script again")
+    return tok

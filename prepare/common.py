@@ -4,6 +4,8 @@ half-written dataset that looks finished."""
 
 import argparse
 import codecs
+import collections
+import glob
 import hashlib
 import http.client
 import json
@@ -204,3 +206,79 @@ def run(argv, description, name, url, sha256, write_dataset):
           f"-> {data_dir / 'train.bin'}, {meta['val_tokens']:,} val tokens -> {data_dir / 'val.bin'}, "
           f"meta -> {data_dir / 'meta.json'}")
     return meta
+
+
+def publish_splits(data_dir, train, val, meta):
+    """publish() for datasets built from many inputs (prepare/text.py checks the sizes itself and records
+    its sources in meta): move the finished .bin files into place, then write meta.json with the counts."""
+    meta = {**meta, "train_tokens": train.n_tokens, "val_tokens": val.n_tokens,
+            "max_token_id": max(train.max_id, val.max_id)}
+    (Path(data_dir) / "meta.json").unlink(missing_ok=True)  # as in publish(): no old meta.json over new files
+    for w in (train, val):
+        os.replace(w.tmp, w.path)
+    write_meta(data_dir, meta)
+    return meta
+
+
+def ordered_map(pool, fn, items, window):
+    """Like pool.imap(fn, items), in order, but with at most `window` items submitted and not yet
+    returned. Pool.imap reads its input as fast as it can, which would pull a whole corpus into memory."""
+    if pool is None:  # one worker: run here, no processes to start
+        yield from map(fn, items)
+        return
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def find_inputs(inputs, suffixes):
+    """Files, folders (searched recursively) and globs -> the files whose name ends in one of `suffixes`
+    (or that plus .gz), each once, in a stable order. A named file must have such a suffix too."""
+    def wanted(p):
+        return p.is_file() and str(p).lower().removesuffix(".gz").endswith(suffixes)
+
+    shown = ", ".join(suffixes)
+    files = []
+    for spec in map(str, inputs):
+        path = Path(spec)
+        if path.is_file() and not wanted(path):
+            raise PrepareError(f"{spec} is not a {shown} file (nor their .gz): rename or convert it")
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if wanted(p))
+        elif any(c in spec for c in "*?["):
+            found = sorted(p for p in map(Path, glob.glob(spec, recursive=True)) if wanted(p))
+        else:
+            raise PrepareError(f"{spec} does not exist")
+        if not found:
+            raise PrepareError(f"{spec} {'holds' if path.is_dir() else 'matches'} no {shown} files (nor their .gz)")
+        files += found
+    return list(dict.fromkeys(files))
+
+
+def decode_text(data, non_utf8="cp1252"):
+    """Bytes -> (text, number of bytes that were not UTF-8), a leading BOM dropped. Such bytes are decoded
+    one by one as Windows-1252 (non_utf8="cp1252"; its 5 unassigned bytes as Latin-1, as browsers do), or
+    become U+FFFD ("replace"); with "skip" the text is None. One byte at a time, so a UTF-8 file with a few
+    stray Latin-1 bytes (webtext/wine.txt) keeps its UTF-8, and a cp1252 file (webtext/firefox.txt) reads right."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff"), 0
+    except UnicodeDecodeError:
+        if non_utf8 == "skip":
+            return None, 0
+    bad = 0
+
+    def one_byte(err):  # the UTF-8 decoder calls this at each invalid stretch; we fix one byte and go on
+        nonlocal bad
+        bad += 1
+        byte = err.object[err.start:err.start + 1]
+        char = "\ufffd" if non_utf8 == "replace" else byte.decode("cp1252", errors="ignore") or byte.decode("latin-1")
+        return char, err.start + 1
+
+    codecs.register_error("sologpt_fallback", one_byte)  # registered per call: this closure counts into `bad`
+    return data.decode("utf-8", errors="sologpt_fallback").removeprefix("\ufeff"), bad
