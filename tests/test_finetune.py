@@ -294,3 +294,31 @@ def test_finetune_shakespeare_config_runs(gpt2_setup, tmp_path):
     ckpt = read_checkpoint(tmp_path / "o" / "ckpt.pt")
     assert ckpt["iter_num"] == 2 and ckpt["model_config"]["vocab_pad_multiple"] == 64
     assert ckpt["train_config"]["learning_rate"] == 3e-5
+
+
+def test_domain_tokens_grow_gpt2_and_decode(gpt2_setup, tmp_path):
+    """prepare/text.py --extra_tokens, then fine-tune GPT-2 weights: the embedding grows by the new terms, whose
+    rows start at the mean, and sample.py decodes them."""
+    terms = tmp_path / "terms.txt"
+    terms.write_text("Bolingbroke\nNorthumberland\nthe\nBolingbroke\n", encoding="utf-8")  # 'the' is one token
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:60_000]
+    for i in range(20):
+        (docs / f"{i}.txt").write_text(text[i * 3000:(i + 1) * 3000] + " Bolingbroke and Northumberland.",
+                                       encoding="utf-8")
+    cmd = [sys.executable, "prepare/text.py", str(docs), "--name=dom", f"--data_root={tmp_path / 'data'}",
+           f"--extra_tokens={terms}", "--min_split_tokens=40", "--val_fraction=0.2"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((tmp_path / "data" / "dom" / "meta.json").read_text())
+    assert meta["extra_tokens"] == ["Bolingbroke", "Northumberland"] and meta["vocab_size"] == 50259
+    run([f"--data_root={tmp_path / 'data'}", "--dataset=dom", f"--out_dir={tmp_path / 'o'}", "--device=cpu",
+         f"--init_from={gpt2_setup / 'gpt2'}", "--block_size=32", "--batch_size=2", "--max_iters=2",
+         "--eval_interval=2", "--eval_iters=1", "--progress=False", "--sample_tokens=0"])
+    ckpt = read_checkpoint(tmp_path / "o" / "ckpt.pt")
+    assert ckpt["model_config"]["vocab_size"] == 50259
+    texts = sample_mod.sample(load_config(sample_mod.SampleConfig, [f"--out_dir={tmp_path / 'o'}", "--device=cpu",
+                                                                    "--start=Bolingbroke", "--num_samples=1",
+                                                                    "--max_new_tokens=3", "--stream=False"]))
+    assert texts[0].startswith("Bolingbroke")
