@@ -123,3 +123,13 @@ def test_int8_model_samples_on_cpu(trained):
     assert int8_text.startswith("ROMEO:") and len(int8_text) == len(float_text)
     # int8 rounding moves the logits a little: most greedy characters agree with the float model
     assert sum(a == b for a, b in zip(int8_text, float_text)) >= 0.6 * len(float_text)
+
+
+def test_streaming_prints_the_same_text(trained, capsys):
+    argv = [f"--out_dir={trained}", "--start=ROMEO:", "--temperature=0", "--max_new_tokens=25", "--num_samples=1",
+            "--device=cpu"]
+    capsys.readouterr()
+    streamed = sample_mod.sample(load_config(sample_mod.SampleConfig, argv + ["--stream=True"]))
+    out = capsys.readouterr().out
+    plain = sample_mod.sample(load_config(sample_mod.SampleConfig, argv + ["--stream=False"]))
+    assert streamed == plain and out.startswith(plain[0] + "\n")
