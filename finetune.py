@@ -11,7 +11,6 @@ other trainable tensor, e.g. a classification head) and the start point of its f
 
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from model import GPT, GPTConfig, read_checkpoint
@@ -120,3 +119,73 @@ def load_model(ckpt, path="checkpoint", dropout=None, attn_impl=None, merge=True
         lora.merge_lora(base)
     return base
 
+
+SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+def check_same_shape(ckpt_config, model_config, path):
+    """Resuming: the checkpoint's model must have the shape the config (and the data) ask for."""
+    if ckpt_config["vocab_size"] != model_config.vocab_size:
+        raise ValueError(f"{path} holds a model for {ckpt_config['vocab_size']} tokens but the dataset's meta.json "
+                         f"says {model_config.vocab_size}: resume on the dataset the checkpoint was trained on")
+    for key in SHAPE_FIELDS:
+        saved = ckpt_config.get(key, getattr(GPTConfig(), key))  # a field newer than the checkpoint: its default
+        if saved != getattr(model_config, key):
+            raise ValueError(f"{path} holds a model with {key}={saved!r} but the config asks for "
+                             f"{key}={getattr(model_config, key)!r}: set --{key}={saved!r} or use another out_dir")
+    saved = GPTConfig(**ckpt_config)
+    if saved.padded_vocab_size != model_config.padded_vocab_size:
+        raise ValueError(f"{path} holds an embedding of {saved.padded_vocab_size} rows (vocab_pad_multiple="
+                         f"{saved.vocab_pad_multiple}) but the config makes {model_config.padded_vocab_size}: set "
+                         f"--vocab_pad_multiple={saved.vocab_pad_multiple} or use another out_dir")
+
+
+def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
+    """train.py's model: new, from a checkpoint being resumed (ckpt), or from pretrained weights; then the
+    switches that change which weights train or how they are stored (freeze, LoRA, QAT, base_dtype, gradient
+    checkpointing), then the resumed weights. Sets the shape fields of cfg from the weights when those fix it.
+    Returns (model on the CPU, init_source). Raises ValueError with a hint."""
+    import memory
+    head = dict(n_classes=len(meta["labels"]) if cfg.task == "classify" else 0, cls_pool=cfg.cls_pool)
+    init_source = cfg.init_from if ckpt is None else ckpt["init_source"]  # "scratch" or the weights it started from
+    if ckpt is not None and init_source != "scratch":  # those weights fixed the shape, not the config's fields
+        for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple"):
+            setattr(cfg, key, ckpt["model_config"][key])
+    if init_source == "scratch" or (ckpt is not None and "adapter" not in ckpt):
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                              attn_impl=cfg.attn_impl, vocab_pad_multiple=cfg.vocab_pad_multiple, **head))
+    else:  # GPT-2 weights or another run's checkpoint (also the frozen base of a LoRA run being resumed)
+        if Path(init_source).is_dir() and meta["tokenizer"] != "gpt2":
+            raise ValueError(f"GPT-2 weights need GPT-2 tokens, but {cfg.dataset} uses tokenizer "
+                             f"{meta['tokenizer']!r}: prepare the text with GPT-2 BPE (e.g. prepare/shakespeare.py)")
+        model = start_model(init_source, block_size=cfg.block_size, vocab_size=meta["vocab_size"],
+                            dropout=cfg.dropout, attn_impl=cfg.attn_impl, vocab_pad_multiple=cfg.vocab_pad_multiple,
+                            **head)
+        for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple"):  # record the real shape
+            setattr(cfg, key, getattr(model.config, key))
+        if ckpt is None:
+            print(f"starting from {init_source}: n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd}"
+                  f", vocab_size={model.config.vocab_size}")
+    if max_id >= model.config.vocab_size:
+        raise ValueError(f"{cfg.dataset} holds token id {max_id}, beyond the model's vocab_size="
+                         f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
+    if ckpt is not None:
+        check_same_shape(ckpt["model_config"], model.config, ckpt_path)
+    freeze(model, cfg.freeze_layers, cfg.freeze_embeddings)
+    if cfg.lora_rank:  # resuming: the saved adapters, else new ones
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                 adapter=ckpt.get("adapter") if ckpt is not None else None)
+    if cfg.qat:
+        import quantize
+        try:
+            quantize.enable_qat(model, cfg.qat, cfg.qat_group_size)  # same parameters and checkpoint keys
+        except ValueError as e:
+            raise ValueError(f"qat: {e}")
+    memory.lower_frozen_weights(model, cfg.base_dtype)  # before loading: a checkpoint holds them lowered already
+    model.grad_checkpointing = cfg.grad_checkpointing
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"], strict="adapter" not in ckpt)
+    if cfg.freeze_layers or cfg.freeze_embeddings or cfg.lora_rank:
+        print(trainable_report(model)[2])
+    return model, init_source

@@ -118,3 +118,43 @@ def oom_message(cfg, device):
     tips.append("batch_size='auto'" if cfg.batch_size != "auto" else "a smaller block_size")
     return (f"out of memory at micro-batch {cfg.batch_size} x block_size {cfg.block_size} (peak {peak:.2f} GiB "
             f"allocated of {total:.1f} GiB): try {', '.join(tips)}; the last checkpoint is untouched")
+
+
+def auto_batch_size(model, cfg, ctx, n_trainable):
+    """batch_size="auto": the largest micro-batch whose forward and backward fit next to the optimizer state (held
+    as a placeholder of its size, so the real optimizer is untouched), then the gradient accumulation that keeps
+    auto_batch_sequences sequences per step. Runs before torch.compile; compiled steps need no more memory."""
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cfg.device.startswith("cuda") else None)
+    state_bytes = MOMENT_BYTES[cfg.optim_state] * n_trainable
+    vocab = model.config.vocab_size
+
+    def try_step(b):
+        reserve = torch.empty(state_bytes, dtype=torch.uint8, device=cfg.device)  # the optimizer's moments
+        x = torch.randint(vocab, (b, cfg.block_size), device=cfg.device)
+        try:
+            with ctx:
+                if cfg.task == "classify":
+                    _, loss = model(x, torch.zeros(b, dtype=torch.long, device=cfg.device))
+                else:
+                    _, loss = model(x, x)
+            loss.backward()
+        finally:
+            del reserve, x
+            free_memory(model)
+
+    limit = cfg.auto_batch_sequences or 1024
+    micro = find_micro_batch(try_step, limit=limit)
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
+    torch.cuda.reset_peak_memory_stats() if cfg.device.startswith("cuda") else None
+    if micro == 0:
+        raise ValueError(f"not even one sequence of block_size={cfg.block_size} fits in memory: "
+                        f"{oom_message(cfg, cfg.device).split(': try ')[1]}")
+    fit, target = micro, cfg.auto_batch_sequences or micro
+    accum = -(-target // micro)
+    micro = -(-target // accum)  # spread the sequences evenly over the micro-batches
+    print(f"batch_size auto: the largest micro-batch that fits is {fit} sequences "
+          f"(searched up to {limit}); batch_size={micro}, gradient_accumulation_steps={accum}, "
+          f"{micro * accum} sequences per step")
+    return micro, accum

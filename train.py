@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import UserError, autocast_context, load_config, print_config, resolve_auto_bool, resolve_device
-from model import CKPT_FORMAT_VERSION, GPT, GPTConfig, read_checkpoint
+from model import CKPT_FORMAT_VERSION, read_checkpoint
 import curriculum
 import finetune
 import memory
@@ -348,46 +348,6 @@ def peak_memory_gib(device):
     return rss, rss
 
 
-def auto_batch_size(model, cfg, ctx, n_trainable):
-    """batch_size="auto": the largest micro-batch whose forward and backward fit next to the optimizer state (held
-    as a placeholder of its size, so the real optimizer is untouched), then the gradient accumulation that keeps
-    auto_batch_sequences sequences per step. Runs before torch.compile; compiled steps need no more memory."""
-    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cfg.device.startswith("cuda") else None)
-    state_bytes = memory.MOMENT_BYTES[cfg.optim_state] * n_trainable
-    vocab = model.config.vocab_size
-
-    def try_step(b):
-        reserve = torch.empty(state_bytes, dtype=torch.uint8, device=cfg.device)  # the optimizer's moments
-        x = torch.randint(vocab, (b, cfg.block_size), device=cfg.device)
-        try:
-            with ctx:
-                if cfg.task == "classify":
-                    _, loss = model(x, torch.zeros(b, dtype=torch.long, device=cfg.device))
-                else:
-                    _, loss = model(x, x)
-            loss.backward()
-        finally:
-            del reserve, x
-            memory.free_memory(model)
-
-    limit = cfg.auto_batch_sequences or 1024
-    micro = memory.find_micro_batch(try_step, limit=limit)
-    torch.set_rng_state(rng[0])
-    if rng[1] is not None:
-        torch.cuda.set_rng_state_all(rng[1])
-    torch.cuda.reset_peak_memory_stats() if cfg.device.startswith("cuda") else None
-    if micro == 0:
-        raise UserError(f"not even one sequence of block_size={cfg.block_size} fits in memory: "
-                        f"{memory.oom_message(cfg, cfg.device).split(': try ')[1]}")
-    fit, target = micro, cfg.auto_batch_sequences or micro
-    accum = -(-target // micro)
-    micro = -(-target // accum)  # spread the sequences evenly over the micro-batches
-    print(f"batch_size auto: the largest micro-batch that fits is {fit} sequences "
-          f"(searched up to {limit}); batch_size={micro}, gradient_accumulation_steps={accum}, "
-          f"{micro * accum} sequences per step")
-    return micro, accum
-
-
 # ---- checkpoints ---------------------------------------------------------------------------------------
 
 def save_checkpoint(path, state):
@@ -411,25 +371,6 @@ def load_checkpoint(path):
         return read_checkpoint(path)
     except ValueError as e:
         raise UserError(str(e))
-
-
-SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
-
-
-def check_same_shape(ckpt_config, model_config, path):
-    if ckpt_config["vocab_size"] != model_config.vocab_size:
-        raise UserError(f"{path} holds a model for {ckpt_config['vocab_size']} tokens but the dataset's meta.json "
-                        f"says {model_config.vocab_size}: resume on the dataset the checkpoint was trained on")
-    for key in SHAPE_FIELDS:
-        saved = ckpt_config.get(key, getattr(GPTConfig(), key))  # a field newer than the checkpoint: its default
-        if saved != getattr(model_config, key):
-            raise UserError(f"{path} holds a model with {key}={saved!r} but the config asks for "
-                            f"{key}={getattr(model_config, key)!r}: set --{key}={saved!r} or use another out_dir")
-    saved = GPTConfig(**ckpt_config)
-    if saved.padded_vocab_size != model_config.padded_vocab_size:
-        raise UserError(f"{path} holds an embedding of {saved.padded_vocab_size} rows (vocab_pad_multiple="
-                        f"{saved.vocab_pad_multiple}) but the config makes {model_config.padded_vocab_size}: set "
-                        f"--vocab_pad_multiple={saved.vocab_pad_multiple} or use another out_dir")
 
 
 def write_json(path, obj):
@@ -464,58 +405,14 @@ def train(cfg):
                         f"--out_dir, or pass --overwrite=True to replace it")
 
     # ---- the model: from scratch, a checkpoint to resume, or pretrained weights to fine-tune (finetune.py)
-    head = dict(n_classes=len(meta["labels"]) if cfg.task == "classify" else 0, cls_pool=cfg.cls_pool)
-    ckpt, init_source = None, cfg.init_from
+    ckpt, resume_path = None, None
     if cfg.init_from == "resume":
         resume_path = last_path if last_path.exists() else ckpt_path
         ckpt = load_checkpoint(resume_path)
-        init_source = ckpt["init_source"]  # "scratch" or the weights the run started from
-        if init_source != "scratch":  # those weights fixed the shape, not the config's fields
-            for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple"):
-                setattr(cfg, key, ckpt["model_config"][key])
-    if init_source == "scratch" or (ckpt is not None and "adapter" not in ckpt):
-        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                              attn_impl=cfg.attn_impl, vocab_pad_multiple=cfg.vocab_pad_multiple, **head))
-    else:  # GPT-2 weights or another run's checkpoint (also the frozen base of a LoRA run being resumed)
-        if Path(init_source).is_dir() and meta["tokenizer"] not in ("gpt2", "gpt2+extra"):
-            raise UserError(f"GPT-2 weights need GPT-2 tokens, but {cfg.dataset} uses tokenizer "
-                            f"{meta['tokenizer']!r}: prepare the text with GPT-2 BPE (e.g. prepare/shakespeare.py)")
-        try:
-            model = finetune.start_model(init_source, block_size=cfg.block_size, vocab_size=meta["vocab_size"],
-                                         dropout=cfg.dropout, attn_impl=cfg.attn_impl,
-                                         vocab_pad_multiple=cfg.vocab_pad_multiple, **head)
-        except ValueError as e:
-            raise UserError(str(e))
-        for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple"):  # record the real shape
-            setattr(cfg, key, getattr(model.config, key))
-        if ckpt is None:
-            print(f"starting from {init_source}: n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd}"
-                  f", vocab_size={model.config.vocab_size}")
-    if max_id >= model.config.vocab_size:
-        raise UserError(f"{cfg.dataset} holds token id {max_id}, beyond the model's vocab_size="
-                        f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
-    if ckpt is not None:
-        check_same_shape(ckpt["model_config"], model.config, resume_path)
     try:
-        finetune.freeze(model, cfg.freeze_layers, cfg.freeze_embeddings)
-        if cfg.lora_rank:  # resuming: the saved adapters, else new ones
-            finetune.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                              adapter=ckpt.get("adapter") if ckpt is not None else None)
+        model, init_source = finetune.build_model(cfg, meta, max_id, ckpt, resume_path)
     except ValueError as e:
         raise UserError(str(e))
-    if cfg.qat:
-        import quantize
-        try:
-            quantize.enable_qat(model, cfg.qat, cfg.qat_group_size)  # same parameters and checkpoint keys
-        except ValueError as e:
-            raise UserError(f"qat: {e}")
-    memory.lower_frozen_weights(model, cfg.base_dtype)  # before loading: a checkpoint holds them lowered already
-    model.grad_checkpointing = cfg.grad_checkpointing
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"], strict="adapter" not in ckpt)
-    if cfg.freeze_layers or cfg.freeze_embeddings or cfg.lora_rank:
-        print(finetune.trainable_report(model)[2])
     model.to(cfg.device)
     teacher = None
     if cfg.teacher:
@@ -527,7 +424,10 @@ def train(cfg):
 
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.batch_size == "auto":
-        cfg.batch_size, cfg.gradient_accumulation_steps = auto_batch_size(model, cfg, ctx, n_trainable)
+        try:
+            cfg.batch_size, cfg.gradient_accumulation_steps = memory.auto_batch_size(model, cfg, ctx, n_trainable)
+        except ValueError as e:
+            raise UserError(str(e))
     print(memory.estimate(model, cfg)[1])
     optimizer = make_optimizer(model, cfg, device_type)
     # loss scaling keeps small float16 gradients from flushing to zero; bfloat16 and float32 need none
@@ -635,7 +535,7 @@ def train(cfg):
             # ---- evaluate and checkpoint
             if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != last_eval_iter:
                 if cfg.task == "classify":  # the whole val set; train on as many examples as eval_iters batches
-                    scores = {split: classify.evaluate(train_model, data, cfg, ctx, head["n_classes"],
+                    scores = {split: classify.evaluate(train_model, data, cfg, ctx, model.config.n_classes,
                                                        None if split == "val" else cfg.eval_iters * cfg.batch_size)
                               for split, data in splits.items()}
                     losses = {split: sc["loss"] for split, sc in scores.items()}

@@ -15,7 +15,7 @@ import torch
 import train as train_mod
 from configurator import load_config
 from conftest import REPO
-from model import GPT, read_checkpoint
+from model import GPT, GPTConfig, read_checkpoint
 from train import TrainConfig, get_batch, get_lr, save_checkpoint
 
 
@@ -390,7 +390,7 @@ def test_auto_prepare_from_local_input(tmp_path):
 
 def test_optimizer_groups_and_grad_clip(tiny_flags, tmp_path):
     cfg = TrainConfig(weight_decay=0.1)
-    model = GPT(train_mod.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=10))
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=10))
     decay, no_decay = train_mod.make_optimizer(model, cfg, "cpu").param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
