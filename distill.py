@@ -29,7 +29,7 @@ def load_teacher(source, device, vocab_size, block_size):
     it cannot teach a student of this vocab_size and block_size."""
     if not Path(source).exists():
         raise ValueError(f"teacher {source} does not exist: give a sologpt checkpoint file or a GPT-2 directory")
-    teacher = start_model(source)  # a directory loads as GPT-2, a file as a sologpt checkpoint
+    teacher = start_model(source, allow_quantized=True)  # a directory loads as GPT-2, a file as a sologpt checkpoint
     c = teacher.config
     if c.n_classes > 0:
         raise ValueError(f"teacher {source} is a classifier: distillation needs a language model teacher")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import finetune
 from configurator import UserError, load_config
-from model import CKPT_FORMAT_VERSION, read_checkpoint
+from model import CKPT_FORMAT_VERSION, read_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -37,10 +37,9 @@ def export(cfg):
     except ValueError as e:
         raise UserError(str(e))
     if cfg.merged_ckpt:
-        import train  # the atomic checkpoint writer
         if Path(cfg.merged_ckpt).resolve() == path.resolve():
             raise UserError(f"--merged_ckpt={cfg.merged_ckpt} is the input checkpoint: pick another file")
-        train.save_checkpoint(cfg.merged_ckpt, {
+        save_checkpoint(cfg.merged_ckpt, {
             "format_version": CKPT_FORMAT_VERSION, "model_config": model.config_dict(), "model": model.state_dict(),
             "init_source": "scratch", "train_config": ckpt["train_config"], "iter_num": ckpt["iter_num"],
             "best_val_loss": ckpt["best_val_loss"]})

@@ -20,7 +20,7 @@ def is_checkpoint_file(init_from):
     return init_from not in ("scratch", "resume") and Path(init_from).is_file()
 
 
-def start_model(source, block_size=None, vocab_size=None, **overrides):
+def start_model(source, block_size=None, vocab_size=None, allow_quantized=False, **overrides):
     """The weights a run starts from: a GPT-2 directory or a sologpt checkpoint file. Crops the positions to
     block_size, grows the vocabulary to vocab_size (domain tokens; new rows start at the mean), and adds a new
     classification head when overrides ask for n_classes the source lacks. Raises ValueError with a hint."""
@@ -29,6 +29,9 @@ def start_model(source, block_size=None, vocab_size=None, **overrides):
         model = GPT.from_pretrained(source, **overrides)
     else:
         ckpt = read_checkpoint(source)
+        if "quantization" in ckpt and not allow_quantized:
+            raise ValueError(f"{source} is quantized ({ckpt['quantization']['mode']}): start training from the "
+                             f"float checkpoint it came from")
         model = load_model(ckpt, source, dropout=overrides.get("dropout"), attn_impl=overrides.get("attn_impl"))
     if head.get("n_classes", 0) > 0 and (model.config.n_classes, model.config.cls_pool) != (
             head["n_classes"], head.get("cls_pool", "last")):
@@ -99,7 +102,15 @@ def load_model(ckpt, path="checkpoint", dropout=None, attn_impl=None, merge=True
         return quantize.load_quantized_model({**ckpt, "model_config": config})
     if "adapter" not in ckpt:
         model = GPT(GPTConfig(**config))
-        model.load_state_dict(ckpt["model"])
+        tc = ckpt.get("train_config", {})
+        if tc.get("base_dtype", "fp32") != "fp32":  # frozen layers were saved in bf16 / int8: rebuild, then float
+            import memory
+            freeze(model, tc.get("freeze_layers", 0), tc.get("freeze_embeddings", False))
+            memory.lower_frozen_weights(model, tc["base_dtype"])
+            model.load_state_dict(ckpt["model"])
+            memory.restore_float(model)
+        else:
+            model.load_state_dict(ckpt["model"])
         return model
     import lora
     source = ckpt["init_source"]

@@ -178,7 +178,8 @@ def base_fingerprint(model):
     shortens it), the tied lm_head (the same tensor as wte) and wte's vocabulary padding rows (never trained)."""
     fingerprint = {}
     for name, t in model.state_dict().items():
-        if name.endswith((".lora_A", ".lora_B")) or name in ("transformer.wpe.weight", "lm_head.weight"):
+        if name.endswith((".lora_A", ".lora_B")) or name in ("transformer.wpe.weight", "lm_head.weight") \
+                or name.startswith("cls_head."):  # a classification head trains beside the adapters
             continue
         if name == "transformer.wte.weight":
             t = t[:model.config.vocab_size]

@@ -64,6 +64,24 @@ def lower_frozen_weights(model, base_dtype):
     return len(swaps)
 
 
+def restore_float(model):
+    """Undo lower_frozen_weights: every bf16 / int8 block Linear back to a float32 nn.Linear, all trainable."""
+    import quantize
+    for parent in model.transformer.h.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, quantize.Int8Linear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                with torch.no_grad():
+                    linear.weight.copy_(child.dequantize())
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
+            elif type(child) is nn.Linear:
+                child.float()
+    model.requires_grad_(True)
+    return model
+
+
 def free_memory(model=None):
     if model is not None:
         for p in model.parameters():

@@ -6,6 +6,7 @@ This file does no I/O beyond reading and writing weights.
 """
 
 import json
+import os
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -371,6 +372,22 @@ class GPT(nn.Module):
 
 
 CKPT_FORMAT_VERSION = 1  # bump when the checkpoint layout changes
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file in the same folder, fsync, then rename over the old file: a crash or a full
+    disk mid-write leaves the previous checkpoint untouched."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_checkpoint(path):

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import UserError
-from model import GPT, GPTConfig, read_checkpoint
+from model import save_checkpoint, GPT, GPTConfig, read_checkpoint
 
 MODES = ("int8", "int4")
 TINY = 1e-12  # the smallest scale: an all-zero row or a constant group then quantizes to 0 without dividing by 0
@@ -252,19 +252,8 @@ def state_dict_bytes(state_dict):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file beside path, fsync, then rename over path: a crash or a full disk
-    mid-write leaves no half-written file (the same scheme as train.py's checkpoints)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a checkpoint atomically (temp file, fsync, rename), exactly as train.py does."""
+    save_checkpoint(path, obj)
 
 
 # ---- quantization-aware training -------------------------------------------------------------------------

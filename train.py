@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import UserError, autocast_context, load_config, print_config, resolve_auto_bool, resolve_device
-from model import CKPT_FORMAT_VERSION, read_checkpoint
+from model import CKPT_FORMAT_VERSION, read_checkpoint, save_checkpoint  # atomic: temp file, fsync, rename
 import curriculum
 import finetune
 import memory
@@ -45,8 +45,8 @@ class TrainConfig:
     dataset: str = "shakespeare_char"  # folder under data_root with train.bin, val.bin and meta.json
     data_root: str = "data"
     data_input: str = ""  # local text file used when the dataset must be prepared first (for offline machines)
-    batch_size: int | str = 12  # sequences per micro-batch; "auto": the largest that fits (memory.py), with
-    # gradient_accumulation_steps recomputed to keep batch_size x gradient_accumulation_steps sequences per step
+    batch_size: int | str = 12  # sequences per micro-batch; "auto" (CUDA only): the largest that fits (memory.py),
+    # with gradient_accumulation_steps recomputed to keep auto_batch_sequences sequences per step
     auto_batch_sequences: int = 0  # with batch_size="auto": sequences per optimizer step to keep (0: one micro-batch)
     block_size: int = 1024  # tokens per sequence (the model's context length)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -112,6 +112,8 @@ class TrainConfig:
 
 def resolve(cfg):
     """Check values and fill in the derived ones ("auto" device, dtype, compile; lr_decay_iters)."""
+    if cfg.seq_warmup_iters < 0:
+        raise UserError(f"seq_warmup_iters={cfg.seq_warmup_iters} must not be negative")
     if cfg.batch_size != "auto" and (isinstance(cfg.batch_size, str) or cfg.batch_size < 1):
         raise UserError(f"batch_size={cfg.batch_size!r} must be a positive integer or 'auto'")
     for key in ("block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
@@ -152,6 +154,11 @@ def resolve(cfg):
         raise UserError(f"seq_warmup_start={cfg.seq_warmup_start} must be between 1 and block_size={cfg.block_size}")
     if (cfg.seq_warmup_iters or cfg.curriculum != "none") and cfg.task != "lm":
         raise UserError("seq_warmup_iters and curriculum apply to task 'lm'")
+    if cfg.seq_warmup_iters and cfg.curriculum != "none":
+        raise UserError("seq_warmup_iters and curriculum cannot be combined yet: use one at a time")
+    if cfg.qat and (cfg.base_dtype != "fp32" or cfg.fp8 or cfg.lora_rank):
+        raise UserError("qat cannot be combined with base_dtype, fp8 or lora_rank: the fake-quantized layers would "
+                        "be skipped or would not be what is exported")
     if cfg.qat not in ("", "int8", "int4"):
         raise UserError(f"qat={cfg.qat!r} is unknown: use '', 'int8' or 'int4'")
     if cfg.teacher and (cfg.task != "lm" or not Path(cfg.teacher).exists()):
@@ -180,6 +187,9 @@ def resolve(cfg):
                         f"and a fixed batch_size; here device={cfg.device!r}, dtype={cfg.dtype!r}, task={cfg.task!r}, "
                         f"optim_state={cfg.optim_state!r}, batch_size={cfg.batch_size!r}")
     cfg.compile = resolve_auto_bool("compile", cfg.compile, device_type == "cuda")
+    if cfg.batch_size == "auto" and (device_type != "cuda" or cfg.teacher):
+        raise UserError("batch_size='auto' probes for CUDA out-of-memory: it needs a CUDA GPU and no teacher; "
+                        "set batch_size to a number")
     if cfg.base_dtype == "bf16" and cfg.dtype == "float32":
         raise UserError("base_dtype='bf16' needs 16-bit autocast (dtype bfloat16 or float16): use base_dtype='int8' "
                         "or another dtype")
@@ -192,6 +202,9 @@ def resolve(cfg):
 
 
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient")
+# fields a resumed run must share with its checkpoint: they decide which tensors exist, train, or how they are stored
+RESUME_FIXED = ("task", "cls_pool", "freeze_layers", "freeze_embeddings", "lora_rank", "lora_alpha", "lora_targets",
+                "optim_state", "base_dtype", "qat", "qat_group_size", "fp8")
 
 
 def set_attention_backend(name):
@@ -350,22 +363,6 @@ def peak_memory_gib(device):
 
 # ---- checkpoints ---------------------------------------------------------------------------------------
 
-def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, fsync, then rename over the old file: a crash or a full
-    disk mid-write leaves the previous checkpoint untouched."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def load_checkpoint(path):
     try:
         return read_checkpoint(path)
@@ -406,9 +403,22 @@ def train(cfg):
 
     # ---- the model: from scratch, a checkpoint to resume, or pretrained weights to fine-tune (finetune.py)
     ckpt, resume_path = None, None
+    for source in (cfg.init_from, cfg.teacher):  # a new run in out_dir would overwrite its own start point
+        if source not in ("", "scratch", "resume") and Path(source).resolve() in (ckpt_path.resolve(),
+                                                                                  last_path.resolve()):
+            raise UserError(f"{source} is this run's own checkpoint, which the run would overwrite: copy it "
+                            f"elsewhere or pick another --out_dir")
     if cfg.init_from == "resume":
         resume_path = last_path if last_path.exists() else ckpt_path
         ckpt = load_checkpoint(resume_path)
+        saved = ckpt["train_config"]
+        for key in RESUME_FIXED:  # these change which tensors exist or train: they must match the run's
+            was = saved.get(key, getattr(TrainConfig(), key))
+            if was != getattr(cfg, key):
+                raise UserError(f"{resume_path} was trained with {key}={was!r}, not {getattr(cfg, key)!r}: "
+                                f"resume with --{key}={was!r}")
+        if cfg.batch_size == "auto":  # keep the batches the run had, not a new search
+            cfg.batch_size, cfg.gradient_accumulation_steps = saved["batch_size"], saved["gradient_accumulation_steps"]
     try:
         model, init_source = finetune.build_model(cfg, meta, max_id, ckpt, resume_path)
     except ValueError as e:

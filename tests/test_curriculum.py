@@ -2,6 +2,7 @@
 (with exact resume)."""
 
 import numpy as np
+import pytest
 import torch
 
 import curriculum
@@ -34,9 +35,9 @@ def test_easy_first_orders_windows_by_unigram_surprisal():
     assert easy.batch(len(easy.order), 1, "cpu") is None  # after the first epoch
 
 
-def test_curriculum_runs_and_resumes_exactly(tiny_flags, tmp_path):
-    flags = tiny_flags + ["--seq_warmup_iters=4", "--seq_warmup_start=8", "--curriculum=unigram",
-                          "--lr_decay_iters=8"]
+@pytest.mark.parametrize("switch", [["--seq_warmup_iters=4", "--seq_warmup_start=8"], ["--curriculum=unigram"]])
+def test_curriculum_runs_and_resumes_exactly(tiny_flags, tmp_path, switch):
+    flags = tiny_flags + switch + ["--lr_decay_iters=8"]
     run(flags + ["--max_iters=8"])
     straight = read_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert straight["best_val_loss"] < 4.1
@@ -46,3 +47,9 @@ def test_curriculum_runs_and_resumes_exactly(tiny_flags, tmp_path):
     resumed = read_checkpoint(tmp_path / "r" / "ckpt.pt")
     for k, v in straight["model"].items():
         assert torch.equal(resumed["model"][k], v), k
+
+
+def test_warmup_and_curriculum_together_are_refused(tiny_flags, capsys):
+    with pytest.raises(SystemExit):
+        train_mod.main(tiny_flags + ["--seq_warmup_iters=4", "--seq_warmup_start=8", "--curriculum=unigram"])
+    assert "cannot be combined" in capsys.readouterr().err

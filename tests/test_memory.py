@@ -114,15 +114,22 @@ def test_find_micro_batch_backs_off_on_out_of_memory():
     assert memory.find_micro_batch(lambda b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError()), limit=8) == 0
 
 
-def test_auto_batch_keeps_sequences_per_step(tiny_flags, tmp_path, monkeypatch, capsys):
+def test_auto_batch_keeps_sequences_per_step(monkeypatch, capsys):
     real = memory.find_micro_batch
     monkeypatch.setattr(memory, "find_micro_batch", lambda try_step, limit: min(real(try_step, limit=limit), 3))
-    flags = [f for f in tiny_flags if not f.startswith("--batch_size")]
-    run(flags + ["--batch_size=auto", "--auto_batch_sequences=8", "--max_iters=2"])
-    out = capsys.readouterr().out
-    assert "largest micro-batch that fits is 3" in out  # 8 sequences: 3 micro-batches of 3 (9 >= 8)
-    cfg = read_checkpoint(tmp_path / "out" / "ckpt.pt")["train_config"]
-    assert (cfg["batch_size"], cfg["gradient_accumulation_steps"]) == (3, 3)
+    cfg = train_mod.TrainConfig(device="cpu", block_size=16, batch_size="auto", auto_batch_sequences=8)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=32))
+    micro, accum = memory.auto_batch_size(model, cfg, torch.autocast("cpu", enabled=False), 100)
+    assert (micro, accum) == (3, 3)  # 8 sequences: 3 micro-batches of 3 (9 >= 8)
+    assert "largest micro-batch that fits is 3" in capsys.readouterr().out
+    assert all(p.grad is None for p in model.parameters())  # the probes leave nothing behind
+
+
+def test_auto_batch_needs_cuda(tiny_flags, capsys):
+    with pytest.raises(SystemExit):
+        train_mod.main([f for f in tiny_flags if not f.startswith("--batch_size")] + ["--batch_size=auto"])
+    assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_out_of_memory_is_one_clear_line_and_keeps_the_checkpoint(tiny_flags, tmp_path, monkeypatch, capsys):
