@@ -42,6 +42,7 @@ def start_model(source, block_size=None, vocab_size=None, allow_quantized=False,
                              f"{source}: lower --block_size")
         model.crop_block_size(block_size)
     if vocab_size is not None and vocab_size > model.config.vocab_size:
+        model.vocab_grown_from = model.config.vocab_size
         model.resize_vocab(vocab_size)
     return model
 
@@ -151,6 +152,18 @@ def check_same_shape(ckpt_config, model_config, path):
                          f"--vocab_pad_multiple={saved.vocab_pad_multiple} or use another out_dir")
 
 
+def check_same_tokenizer(meta_path, meta, dataset):
+    """Fine-tuning another run's checkpoint: its token ids must mean the same text as the new dataset's."""
+    import json
+    if not meta_path.is_file():
+        return  # nothing to compare (a checkpoint copied without its meta.json)
+    src = json.loads(meta_path.read_text(encoding="utf-8"))
+    for key in ("tokenizer", "chars", "extra_tokens"):
+        if src.get(key) != meta.get(key):
+            raise ValueError(f"{meta_path.parent} was trained with another tokenizer than {dataset} ({key} differs): "
+                             f"token ids would mean other text; prepare {dataset} with the checkpoint's tokenizer")
+
+
 def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
     """train.py's model: new, from a checkpoint being resumed (ckpt), or from pretrained weights; then the
     switches that change which weights train or how they are stored (freeze, LoRA, QAT, base_dtype, gradient
@@ -170,11 +183,16 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
         if Path(init_source).is_dir() and meta["tokenizer"] != "gpt2":
             raise ValueError(f"GPT-2 weights need GPT-2 tokens, but {cfg.dataset} uses tokenizer "
                              f"{meta['tokenizer']!r}: prepare the text with GPT-2 BPE (e.g. prepare/shakespeare.py)")
+        if ckpt is None and Path(init_source).is_file():
+            check_same_tokenizer(Path(init_source).parent / "meta.json", meta, cfg.dataset)
         model = start_model(init_source, block_size=cfg.block_size, vocab_size=meta["vocab_size"],
                             dropout=cfg.dropout, attn_impl=cfg.attn_impl, vocab_pad_multiple=cfg.vocab_pad_multiple,
                             **head)
         for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple"):  # record the real shape
             setattr(cfg, key, getattr(model.config, key))
+        if ckpt is None and (cfg.lora_rank or cfg.freeze_embeddings) and getattr(model, "vocab_grown_from", None):
+            print("warning: the new vocabulary rows start at the mean embedding and stay frozen with lora_rank or "
+                  "freeze_embeddings: domain tokens will not be learned (train the embeddings, or drop the new tokens)")
         if ckpt is None:
             print(f"starting from {init_source}: n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd}"
                   f", vocab_size={model.config.vocab_size}")

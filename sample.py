@@ -52,7 +52,8 @@ def load_model(cfg, device):
         raise UserError(str(e))
     # meta.json lies next to the checkpoint; older runs may only have it in the dataset folder
     train_cfg = ckpt["train_config"]
-    candidates = [Path(cfg.out_dir) / "meta.json", Path(train_cfg["data_root"]) / train_cfg["dataset"] / "meta.json"]
+    candidates = [path.parent / "meta.json", Path(cfg.out_dir) / "meta.json",
+                  Path(train_cfg["data_root"]) / train_cfg["dataset"] / "meta.json"]
     meta_path = next((p for p in candidates if p.is_file()), None)
     if meta_path is None:
         raise UserError(f"no meta.json in {cfg.out_dir} or the dataset folder: the tokenizer is unknown")
@@ -126,7 +127,9 @@ def sample(cfg):
                   file=sys.stderr)
             prompts[i] = (ids[-bs:], 0)
     stop_token = enc.eot_token if cfg.stop == "<|endoftext|>" else None
-    stream = resolve_auto_bool("stream", cfg.stream, sys.stdout.isatty()) and len(prompts) == 1
+    # a stop string is only known once decoded, so such samples are printed whole
+    stream = resolve_auto_bool("stream", cfg.stream, sys.stdout.isatty()) and len(prompts) == 1 and (
+        not cfg.stop or stop_token is not None)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     longest = max(len(ids) for ids, _ in prompts)
@@ -139,7 +142,7 @@ def sample(cfg):
     texts = []
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]
-        printer = Streamer(enc, batch[0][0][batch[0][1]:]) if stream else None
+        printer = Streamer(enc, batch[0][0][batch[0][1]:], stop_token) if stream else None
         if engine is not None:
             new = engine.generate([ids for ids, _ in batch], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                                   gen, stop_token, printer and printer.add, ctx)
@@ -170,13 +173,16 @@ class Streamer:
     """Prints a sample as its tokens arrive. Decoding the whole row each time keeps multi-byte characters that
     span tokens intact; a trailing U+FFFD means the character is not complete yet, so it waits."""
 
-    def __init__(self, enc, prompt_ids):
-        self.enc, self.ids, self.shown = enc, list(prompt_ids), ""
+    def __init__(self, enc, prompt_ids, stop_token=None):
+        self.enc, self.ids, self.shown, self.stop_token, self.done = enc, list(prompt_ids), "", stop_token, False
         print(enc.decode(self.ids), end="", flush=True)
         self.shown = enc.decode(self.ids)
 
     def add(self, step, tokens):
+        if self.done:  # the engine checks for the stop token only every few steps
+            return
         self.ids.append(int(tokens[0]))
+        self.done = self.ids[-1] == self.stop_token
         text = self.enc.decode(self.ids)
         if not text.endswith("\ufffd"):
             print(text[len(self.shown):], end="", flush=True)
@@ -189,7 +195,7 @@ class Streamer:
 @torch.no_grad()
 def classify_lines(cfg, model, enc, ctx):
     """A classifier's label for each non-empty line of the prompt, with the class probabilities."""
-    text = cfg.start
+    text = f"FILE:{cfg.prompts}" if cfg.prompts else cfg.start
     if text.startswith("FILE:"):
         try:
             text = Path(text[len("FILE:"):]).read_text(encoding="utf-8")

@@ -322,3 +322,42 @@ def test_domain_tokens_grow_gpt2_and_decode(gpt2_setup, tmp_path):
                                                                     "--start=Bolingbroke", "--num_samples=1",
                                                                     "--max_new_tokens=3", "--stream=False"]))
     assert texts[0].startswith("Bolingbroke")
+
+
+def test_start_point_guards(tiny_flags, tmp_path, capsys, char_data):
+    run(tiny_flags + ["--max_iters=2"])
+    own = tmp_path / "out" / "ckpt.pt"
+    before = own.read_bytes()
+    # a new run in out_dir would overwrite its own start point
+    err = error_of(train_mod.main, tiny_flags + [f"--init_from={own}", "--overwrite=True"], capsys)
+    assert "this run's own checkpoint" in err and own.read_bytes() == before
+    # a quantized file is not a start point for training
+    res = subprocess.run([sys.executable, "quantize.py", "--ckpt", str(own), "--mode", "int8"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'o2'}" for f in tiny_flags]
+    err = error_of(train_mod.main, other + [f"--init_from={tmp_path / 'out' / 'ckpt_int8.pt'}"], capsys)
+    assert "is quantized (int8)" in err
+    # resuming with a switch that changes which tensors train is refused
+    err = error_of(train_mod.main, tiny_flags + ["--init_from=resume", "--freeze_layers=1"], capsys)
+    assert "was trained with freeze_layers=0, not 1" in err
+    # another character table: ids would mean other characters
+    meta = json.loads((char_data / "tiny" / "meta.json").read_text())
+    (tmp_path / "out" / "meta.json").write_text(json.dumps({**meta, "chars": meta["chars"][::-1]}))
+    err = error_of(train_mod.main, other + [f"--init_from={own}"], capsys)
+    assert "another tokenizer" in err and "chars differs" in err
+
+
+def test_frozen_int8_base_checkpoint_loads_for_sampling(tiny_flags, tmp_path):
+    run(tiny_flags + ["--max_iters=2"])
+    other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'f'}" for f in tiny_flags]
+    run(other + [f"--init_from={tmp_path / 'out' / 'ckpt.pt'}", "--max_iters=2", "--freeze_layers=1",
+                 "--base_dtype=int8"])
+    ckpt = read_checkpoint(tmp_path / "f" / "ckpt.pt")
+    assert ckpt["model"]["transformer.h.0.attn.c_attn.weight"].dtype == torch.int8  # stored as trained
+    model = finetune.load_model(ckpt)
+    assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.float32  # back to an ordinary model
+    texts = sample_mod.sample(load_config(sample_mod.SampleConfig, [f"--out_dir={tmp_path / 'f'}", "--device=cpu",
+                                                                    "--num_samples=1", "--max_new_tokens=5",
+                                                                    "--stream=False"]))
+    assert len(texts) == 1
