@@ -33,6 +33,8 @@ def start_model(source, block_size=None, vocab_size=None, allow_quantized=False,
             raise ValueError(f"{source} is quantized ({ckpt['quantization']['mode']}): start training from the "
                              f"float checkpoint it came from")
         model = load_model(ckpt, source, dropout=overrides.get("dropout"), attn_impl=overrides.get("attn_impl"))
+    if model.config.n_classes > 0 and head.get("n_classes", 0) == 0:
+        raise ValueError(f"{source} is a classifier (task 'classify'): it cannot continue as a language model")
     if head.get("n_classes", 0) > 0 and (model.config.n_classes, model.config.cls_pool) != (
             head["n_classes"], head.get("cls_pool", "last")):
         set_classifier(model, head["n_classes"], head.get("cls_pool", "last"))

@@ -27,6 +27,8 @@ def estimate(model, cfg):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     other_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) - frozen_linear
     weights = 4 * (trainable + other_frozen) + BASE_BYTES[cfg.base_dtype] * frozen_linear
+    weights += sum(b.numel() * b.element_size() for m in model.transformer.h.modules()  # int8 layers: buffers
+                   if type(m).__name__ == "Int8Linear" for b in m.buffers())
     tokens = cfg.batch_size * cfg.block_size if isinstance(cfg.batch_size, int) else cfg.block_size
     per_layer = 34 * c.n_embd  # bytes per token, 16-bit autocast (see above)
     if cfg.dtype == "float32":
