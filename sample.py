@@ -50,15 +50,8 @@ def load_model(cfg, device):
         model = finetune.load_model(ckpt, path)
     except ValueError as e:
         raise UserError(str(e))
-    # meta.json lies next to the checkpoint; older runs may only have it in the dataset folder
-    train_cfg = ckpt["train_config"]
-    candidates = [path.parent / "meta.json", Path(cfg.out_dir) / "meta.json",
-                  Path(train_cfg["data_root"]) / train_cfg["dataset"] / "meta.json"]
-    meta_path = next((p for p in candidates if p.is_file()), None)
-    if meta_path is None:
-        raise UserError(f"no meta.json in {cfg.out_dir} or the dataset folder: the tokenizer is unknown")
     try:
-        meta = tok.load_meta(meta_path)
+        meta = tok.load_meta(tok.find_meta(path, ckpt, also=[cfg.out_dir]))
         enc = tok.from_meta(meta)
     except tok.TokenizerError as e:
         raise UserError(str(e))

@@ -96,15 +96,10 @@ def score_text(model, enc_ids, block_size, stride, device, ctx, batch_size=8):
 
 
 def find_meta(ckpt_path, ckpt):
-    """The tokenizer's meta.json: beside the checkpoint (train.py copies it there), else in the dataset folder."""
-    train_cfg = ckpt.get("train_config") or {}
-    candidates = [Path(ckpt_path).parent / "meta.json"]
-    if "data_root" in train_cfg and "dataset" in train_cfg:
-        candidates.append(Path(train_cfg["data_root"]) / train_cfg["dataset"] / "meta.json")
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise UserError(f"no meta.json beside {ckpt_path} or in the dataset folder: the tokenizer is unknown")
-    return path
+    try:
+        return tok.find_meta(ckpt_path, ckpt)
+    except tok.TokenizerError as e:
+        raise UserError(str(e))
 
 
 def load(cfg):

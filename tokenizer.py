@@ -146,3 +146,16 @@ def from_meta(meta):
         raise TokenizerError(f"meta.json says vocab_size={meta['vocab_size']} but {kind} plus {len(extra)} extra "
                              f"tokens makes {tok.vocab_size}: run the dataset's prepare/ script again")
     return tok
+
+
+def find_meta(ckpt_path, ckpt, also=()):
+    """The meta.json that goes with a checkpoint: beside it (train.py copies it there), then in the folders of
+    `also`, then in the dataset folder its train_config names (older runs)."""
+    train_cfg = ckpt.get("train_config") or {}
+    candidates = [Path(ckpt_path).parent / "meta.json", *(Path(d) / "meta.json" for d in also)]
+    if "data_root" in train_cfg and "dataset" in train_cfg:
+        candidates.append(Path(train_cfg["data_root"]) / train_cfg["dataset"] / "meta.json")
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise TokenizerError(f"no meta.json beside {ckpt_path} or in the dataset folder: the tokenizer is unknown")
+    return path

@@ -42,3 +42,16 @@ def tiny_flags(char_data, tmp_path):
             "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
             "--eval_iters=2", "--eval_interval=5", "--log_interval=1", "--warmup_iters=2",
             "--learning_rate=3e-3", "--min_lr=3e-4", "--progress=False", "--sample_tokens=0", "--compile=False"]
+
+
+@pytest.fixture(scope="module")
+def trained(char_data, tmp_path_factory):
+    """out_dir of a tiny character model trained for 20 steps (one per test module)."""
+    import train as train_mod
+    from configurator import load_config
+    out = tmp_path_factory.mktemp("run") / "out"
+    flags = [f"--data_root={char_data}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu", "--n_layer=2",
+             "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=20", "--eval_iters=1",
+             "--progress=False", "--sample_tokens=0"]
+    train_mod.train(load_config(train_mod.TrainConfig, flags))
+    return out

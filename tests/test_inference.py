@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import sample as sample_mod
-import train as train_mod
 from configurator import load_config
 from conftest import REPO
 from inference import Engine
@@ -62,16 +61,6 @@ def test_stop_token_cuts_each_row():
 def test_engine_refuses_what_does_not_fit():
     with pytest.raises(ValueError, match="do not fit"):
         Engine(tiny(), 2, 10, "cpu").generate([[1, 2, 3]], 8, temperature=0)
-
-
-@pytest.fixture(scope="module")
-def trained(char_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gen") / "out"
-    flags = [f"--data_root={char_data}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu", "--n_layer=2",
-             "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=20", "--eval_iters=1",
-             "--progress=False", "--sample_tokens=0"]
-    train_mod.train(load_config(train_mod.TrainConfig, flags))
-    return out
 
 
 def sample(argv):

@@ -6,19 +6,8 @@ import sys
 import pytest
 
 import sample as sample_mod
-import train as train_mod
 from configurator import load_config
 from conftest import REPO
-
-
-@pytest.fixture(scope="module")
-def trained(char_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    flags = [f"--data_root={char_data}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu", "--n_layer=2",
-             "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=20", "--eval_iters=1",
-             "--progress=False", "--sample_tokens=0"]
-    train_mod.train(load_config(train_mod.TrainConfig, flags))
-    return out
 
 
 def sample(argv):
