@@ -51,8 +51,14 @@ def bench_model(name, model, flops_per_token, args, batch_size, hf=False):
     T = args.block_size
     model.to(device).train()
     import train
-    opt = train.make_optimizer(model, train.TrainConfig(), "cuda")  # fused AdamW, as train.py makes it
+    graphs = args.cuda_graphs and not hf
+    # fused AdamW, as train.py makes it (capturable: it reads the step count and lr from GPU memory in a graph)
+    opt = train.make_optimizer(model, train.TrainConfig(cuda_graphs=graphs, optimizer=args.optimizer), "cuda")
     fwd = torch.compile(model) if args.compile else model
+    graphed = None
+    if graphs:  # the whole step (forward, backward, clip, AdamW) replayed as one CUDA graph, as train.py does
+        from cuda_graph import GraphedStep
+        graphed = GraphedStep(fwd, opt, 1.0, torch.autocast("cuda", dtype=torch.bfloat16))
     gen = torch.Generator(device=device).manual_seed(0)
     vocab = 50257  # real token ids only, also when the embedding is padded
     batches = [torch.randint(vocab, (batch_size, T + 1), device=device, generator=gen) for _ in range(4)]
@@ -62,6 +68,9 @@ def bench_model(name, model, flops_per_token, args, batch_size, hf=False):
         xy = batches[state["i"] % len(batches)]
         state["i"] += 1
         x, y = xy[:, :-1], xy[:, 1:]
+        if graphed is not None:
+            graphed(x[None], y[None])  # (accum=1, B, T)
+            return
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if hf:
                 loss = fwd(input_ids=x, labels=None).logits.float().flatten(0, 1)
@@ -98,18 +107,25 @@ def throughput(args):
     args.peak = train.peak_flops("cuda") or measured_matmul_peak("cuda")
     print(f"{name}, torch {torch.__version__}, peak {args.peak / 1e12:.0f} TFLOP/s (bf16 dense), "
           f"block {args.block_size}, vocab {args.vocab_size} (pad multiple {args.vocab_pad_multiple}), "
-          f"compile {args.compile}, attn_backend {args.attn_backend}, fp8 {args.fp8}")
+          f"compile {args.compile}, cuda_graphs {args.cuda_graphs}, attn_backend {args.attn_backend}, "
+          f"bias {args.bias}, fp8 {args.fp8 or False}{' + head' if args.fp8_head else ''}, optimizer {args.optimizer}")
+    arch = dict(rope=args.rope, norm=args.norm, qk_norm=args.qk_norm, mlp_act=args.mlp_act,
+                tie_embeddings=not args.untied)
+    if GPTConfig(**arch).modern_options():
+        print("architecture: " + ", ".join(GPTConfig(**arch).modern_options()))
     train.set_attention_backend(args.attn_backend)
     print(f"{'model':28s} {'mb':>4} {'tokens/s':>12} {'ms/step':>9} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
     cfg = dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
-               n_embd=args.n_embd, vocab_pad_multiple=args.vocab_pad_multiple)
+               n_embd=args.n_embd, vocab_pad_multiple=args.vocab_pad_multiple, bias=args.bias, **arch)
     for bs in args.batch_sizes:
         torch.manual_seed(0)
         model = GPT(GPTConfig(**cfg))
+        name = "sologpt"
         if args.fp8:
             import fp8
-            fp8.convert_to_fp8(model)
-        bench_model("sologpt" + (" fp8" if args.fp8 else ""), model, model.flops_per_token(args.block_size), args, bs)
+            fp8.convert_to_fp8(model, recipe=args.fp8, head=args.fp8_head)
+            name += f" fp8 {args.fp8}" + (" +head" if args.fp8_head else "")
+        bench_model(name, model, model.flops_per_token(args.block_size), args, bs)
         del model
         torch.cuda.empty_cache()
         if args.hf:
@@ -156,7 +172,18 @@ def main():
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--eager", action="store_true", help="skip torch.compile")
     p.add_argument("--attn_backend", default="auto")
-    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (fp8.py), Hopper-class GPUs")
+    p.add_argument("--fp8", nargs="?", const="tensorwise", choices=["tensorwise", "rowwise"],
+                   help="fp8 matmuls in the blocks (fp8.py), Hopper-class GPUs; the recipe, default tensorwise")
+    p.add_argument("--fp8_head", action="store_true", help="with --fp8: the output layer in fp8 too")
+    p.add_argument("--cuda_graphs", action="store_true", help="replay each step as one CUDA graph (cuda_graph.py)")
+    p.add_argument("--no_bias", dest="bias", action="store_false",
+                   help="no biases in Linear and LayerNorm (GPTConfig bias=False; GPT-2 weights then do not load)")
+    p.add_argument("--rope", action="store_true", help="rotary positions (model.py's modern options)")
+    p.add_argument("--norm", default="layernorm", choices=["layernorm", "rmsnorm"])
+    p.add_argument("--qk_norm", action="store_true")
+    p.add_argument("--mlp_act", default="gelu", choices=["gelu", "relu2"])
+    p.add_argument("--untied", action="store_true", help="an output layer with its own weights")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--hf", action="store_true", help="also time transformers' GPT2LMHeadModel")

@@ -1,6 +1,6 @@
 """How fast does prepare/text.py turn text into tokens, and how does it scale with cores?
 
-    python bench_tokenize.py [--mb 200] [--seed 0] [--max_workers N]
+    python bench_tokenize.py [--mb 200] [--seed 0] [--max_workers N | --workers 1 2 4 8 16]
 
 Writes a seeded synthetic corpus (JSONL, documents of a few KB made of words drawn from tiny-shakespeare's
 word frequencies, or from a built-in list when that file is missing) into a temporary folder, then prints
@@ -75,6 +75,7 @@ def main():
     p.add_argument("--mb", type=int, default=200, help="corpus size in MB (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the corpus (default: %(default)s)")
     p.add_argument("--max_workers", type=int, default=os.cpu_count(), help="default: all cores (%(default)s)")
+    p.add_argument("--workers", type=int, nargs="+", help="worker counts to time (default: 1 to max_workers)")
     p.add_argument("--repeat", type=int, default=1, help="runs per row, the fastest counts (default: %(default)s)")
     args = p.parse_args()
     enc = tiktoken.get_encoding("gpt2")
@@ -89,7 +90,7 @@ def main():
         base = timed(lambda: [enc.encode_ordinary(d) for d in docs], args.repeat)
         rows.append(("plain loop: enc.encode_ordinary", 1, base))
         base = base[0]
-        threads = args.max_workers
+        threads = max(args.workers) if args.workers else args.max_workers
         rows.append(("tiktoken encode_ordinary_batch (threads)", threads,
                      timed(lambda: enc.encode_ordinary_batch(docs, num_threads=threads), args.repeat)))
         del docs
@@ -99,7 +100,7 @@ def main():
                "--max_repeated_lines", "0", "--max_repeated_ngrams", "0", "--min_mean_word_length", "0",
                "--max_mean_word_length", "0"]
         for label, flags in (("prepare/text.py, tokenize only", off), ("prepare/text.py, defaults", [])):
-            for workers in range(1, args.max_workers + 1):
+            for workers in args.workers or range(1, args.max_workers + 1):
                 argv = [str(corpus), "--name", "bench", "--data_root", tmp, "--workers", str(workers), *flags]
                 rows.append((label, workers, timed(lambda: prep.write_dataset(prep.parse_args(argv)), args.repeat)))
 

@@ -66,7 +66,8 @@ def freeze(model, freeze_layers=0, freeze_embeddings=False):
         block.requires_grad_(False)
     if freeze_embeddings:
         model.transformer.wte.requires_grad_(False)
-        model.transformer.wpe.requires_grad_(False)
+        if "wpe" in model.transformer:  # rotary positions have no weights
+            model.transformer.wpe.requires_grad_(False)
 
 
 def add_lora(model, rank, alpha, dropout, targets, adapter=None):
@@ -134,7 +135,8 @@ def load_model(ckpt, path="checkpoint", dropout=None, attn_impl=None, merge=True
     return base
 
 
-SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+ARCH_FIELDS = ("rope", "norm", "qk_norm", "mlp_act", "tie_embeddings")  # train.py's modern options (model.py)
+SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", *ARCH_FIELDS)
 
 
 def check_same_shape(ckpt_config, model_config, path):
@@ -174,14 +176,19 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
     import memory
     head = dict(n_classes=len(meta["labels"]) if cfg.task == "classify" else 0, cls_pool=cfg.cls_pool)
     init_source = cfg.init_from if ckpt is None else ckpt["init_source"]  # "scratch" or the weights it started from
+    fixed = ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple", *ARCH_FIELDS)  # what weights decide
     if ckpt is not None and init_source != "scratch":  # those weights fixed the shape, not the config's fields
-        for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple"):
-            setattr(cfg, key, ckpt["model_config"][key])
+        for key in fixed:
+            setattr(cfg, key, ckpt["model_config"].get(key, getattr(GPTConfig(), key)))
+    arch = {key: getattr(cfg, key) for key in ARCH_FIELDS}
     if init_source == "scratch" or (ckpt is not None and "adapter" not in ckpt):
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                              attn_impl=cfg.attn_impl, vocab_pad_multiple=cfg.vocab_pad_multiple, **head))
+                              attn_impl=cfg.attn_impl, vocab_pad_multiple=cfg.vocab_pad_multiple, **arch, **head))
     else:  # GPT-2 weights or another run's checkpoint (also the frozen base of a LoRA run being resumed)
+        if ckpt is None and Path(init_source).is_dir() and GPTConfig(**arch).modern_options():
+            raise ValueError(f"GPT-2 weights have GPT-2's architecture, but the config sets "
+                             f"{', '.join(GPTConfig(**arch).modern_options())}: leave those at their defaults")
         if Path(init_source).is_dir() and meta["tokenizer"] != "gpt2":
             raise ValueError(f"GPT-2 weights need GPT-2 tokens, but {cfg.dataset} uses tokenizer "
                              f"{meta['tokenizer']!r}: prepare the text with GPT-2 BPE (e.g. prepare/shakespeare.py)")
@@ -190,7 +197,7 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
         model = start_model(init_source, block_size=cfg.block_size, vocab_size=meta["vocab_size"],
                             dropout=cfg.dropout, attn_impl=cfg.attn_impl, vocab_pad_multiple=cfg.vocab_pad_multiple,
                             **head)
-        for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple"):  # record the real shape
+        for key in fixed:  # record the real shape and architecture
             setattr(cfg, key, getattr(model.config, key))
         if ckpt is None and (cfg.lora_rank or cfg.freeze_embeddings) and getattr(model, "vocab_grown_from", None):
             print("warning: the new vocabulary rows start at the mean embedding and stay frozen with lora_rank or "

@@ -37,22 +37,20 @@ class Engine:
         empty columns; returns the logits of the last column (B, vocab)."""
         m, c = self.model, self.model.config
         B, T = idx.shape
-        C, nh = c.n_embd, c.n_head
+        C = c.n_embd
         cols = start + torch.arange(T, device=idx.device)  # (T,) cache columns of these tokens
         pos = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, T) each row's own positions
-        x = m.transformer.wte(idx) + m.transformer.wpe(pos)  # (B, T, C)
+        x = m.embed(idx, pos)  # (B, T, C)
+        rope = m.rotary(pos)  # rotary angles of each row's positions, or None
         key = self.cols[None, None, :]  # (1, 1, S)
         query = cols[None, :, None]  # (1, T, 1)
         mask = (key <= query) & ((key >= pad[:, None, None]) | (key == query))  # (B, T, S)
         mask = mask[:, None]  # (B, 1, T, S): the same for every head
         for i, block in enumerate(m.transformer.h):
             a = block.attn
-            q, k, v = a.c_attn(block.ln_1(x)).split(C, dim=2)  # 3 x (B, T, C)
-            q = q.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
-            k = k.view(B, T, nh, C // nh).transpose(1, 2).to(self.k[i].dtype)
-            v = v.view(B, T, nh, C // nh).transpose(1, 2).to(self.v[i].dtype)
-            self.k[i].index_copy_(2, cols, k)
-            self.v[i].index_copy_(2, cols, v)
+            q, k, v = a.qkv(block.ln_1(x), rope)  # 3 x (B, nh, T, hs)
+            self.k[i].index_copy_(2, cols, k.to(self.k[i].dtype))
+            self.v[i].index_copy_(2, cols, v.to(self.v[i].dtype))
             y = F.scaled_dot_product_attention(q, self.k[i].to(q.dtype), self.v[i].to(q.dtype), attn_mask=mask)
             x = x + a.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
             x = x + block.mlp(block.ln_2(x))

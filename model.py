@@ -28,6 +28,13 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
     attn_impl: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) or "math" (explicit, for reading)
+    # modern options (off by default, so GPT-2 weights load; each on makes a model GPT-2 tools cannot read)
+    rope: bool = False  # rotary position embeddings on q and k (Su et al. 2021) instead of a learned position table
+    rope_base: float = 10000.0  # rotary frequencies: base^(-2i/head_size)
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm" (Zhang & Sennrich 2019: no mean, no bias)
+    qk_norm: bool = False  # RMS-normalise each head's q and k before attention (keeps attention logits bounded)
+    mlp_act: str = "gelu"  # "gelu" (GPT-2's tanh approximation) or "relu2" (squared ReLU, So et al. 2021)
+    tie_embeddings: bool = True  # the output layer shares the token embedding's weights (GPT-2); False: its own
     n_classes: int = 0  # > 0 adds a classification head: forward then returns (B, n_classes) logits (task "classify")
     cls_pool: str = "last"  # what the head reads: the "last" real token's hidden state, or the "mean" over tokens
 
@@ -44,6 +51,31 @@ class GPTConfig:
             raise ValueError(f"attn_impl={self.attn_impl!r} is unknown: use 'sdpa' or 'math'")
         if self.cls_pool not in ("last", "mean"):
             raise ValueError(f"cls_pool={self.cls_pool!r} is unknown: use 'last' or 'mean'")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm={self.norm!r} is unknown: use 'layernorm' or 'rmsnorm'")
+        if self.mlp_act not in ("gelu", "relu2"):
+            raise ValueError(f"mlp_act={self.mlp_act!r} is unknown: use 'gelu' or 'relu2'")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, got n_embd / n_head = {self.n_embd // self.n_head}")
+
+    def modern_options(self):
+        """The options set away from GPT-2's architecture, e.g. ['rope', 'norm=rmsnorm']: empty for a GPT-2."""
+        default = GPTConfig()
+        out = [f for f in ("rope", "qk_norm") if getattr(self, f)]
+        out += [f"{f}={getattr(self, f)}" for f in ("norm", "mlp_act") if getattr(self, f) != getattr(default, f)]
+        return out + ([] if self.tie_embeddings else ["tie_embeddings=False"])
+
+
+def make_norm(config):
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding: each pair (x[i], x[i + hs/2]) of x (B, nh, T, hs) turned by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
 class KVCache:
@@ -77,17 +109,28 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.attn_impl = config.attn_impl
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None):
+    def qkv(self, x, rope=None):
+        """x (B, T, C) -> q, k, v (B, nh, T, hs), with qk_norm and the rotary angles rope = (cos, sin) applied."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        return q, k, v
+
+    def forward(self, x, kv_cache=None, rope=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, rope)  # 3 x (B, nh, T, hs)
 
         past = 0
         if kv_cache is not None:
@@ -122,10 +165,15 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.act = config.mlp_act
 
     def forward(self, x):
-        # GPT-2 uses the tanh approximation of GELU ("gelu_new"); using it too keeps GPT-2 logits exact
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)  # (B, T, 4C)
+        if self.act == "relu2":
+            h = F.relu(h).square()
+        else:  # GPT-2 uses the tanh approximation of GELU ("gelu_new"); using it too keeps GPT-2 logits exact
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -133,13 +181,13 @@ class Block(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -148,15 +196,20 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd)))
+        if not config.rope:  # learned absolute positions (GPT-2); rotary ones have no weights
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer.update(dict(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
+        hs = config.n_embd // config.n_head
+        inv_freq = config.rope_base ** -(torch.arange(0, hs, 2, dtype=torch.float32) / hs)  # (hs/2,)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, so not in the checkpoint
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings (GPT-2, Press & Wolf 2017)
+        if config.tie_embeddings:  # tied input and output embeddings (GPT-2, Press & Wolf 2017)
+            self.lm_head.weight = self.transformer.wte.weight
         if config.n_classes > 0:
             self.cls_head = nn.Linear(config.n_embd, config.n_classes)
         self.grad_checkpointing = 0  # k > 0: recompute every k-th block's activations in backward (train.py sets it)
@@ -178,9 +231,11 @@ class GPT(nn.Module):
     def num_params(self, non_embedding=True):
         """Parameter count. The tied token embedding counts once, without vocabulary padding rows; position
         embeddings are left out by default because they cost no matmul FLOPs."""
+        c = self.config
         n = sum(p.numel() for p in self.parameters())
-        n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd  # padding rows
-        if non_embedding:
+        pad_rows = (c.padded_vocab_size - c.vocab_size) * c.n_embd
+        n -= pad_rows if c.tie_embeddings else 2 * pad_rows  # padding rows, of the output layer too when untied
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -189,14 +244,18 @@ class GPT(nn.Module):
         if block_size > self.config.block_size:
             raise ValueError(f"cannot crop to {block_size} positions: the model has only {self.config.block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        if "wpe" in self.transformer:  # rotary positions have no table to crop
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward): 6 per weight in a matmul, plus attention's
         q k^T and att v, 6 * 2 * n_layer * T * C (PaLM, Chowdhery et al. 2022, appendix B)."""
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.num_params() + 12 * c.n_layer * T * c.n_embd
+        matmul = self.num_params()
+        if not c.tie_embeddings:  # an untied token embedding is a lookup, not a matmul
+            matmul -= c.vocab_size * c.n_embd
+        return 6 * matmul + 12 * c.n_layer * T * c.n_embd
 
     def forward(self, idx, targets=None, kv_cache=None, lengths=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). targets of -1 are ignored.
@@ -222,17 +281,33 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.drop(self.embed(idx, pos))  # (B, T, C)
+        rope = self.rotary(pos)
         k = self.grad_checkpointing
         for i, block in enumerate(self.transformer.h):
             if k and self.training and i % k == 0 and torch.is_grad_enabled():
                 # keep only this block's input; its activations are recomputed in backward (Chen et al. 2016)
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, rope, use_reentrant=False)
             else:
-                x = block(x, kv_cache)
+                x = block(x, kv_cache, rope)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.transformer.ln_f(x)
+
+    def embed(self, idx, pos):
+        """Token embeddings, plus learned position embeddings unless rope: idx (B, T), pos (T,) or (B, T)."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        return x if self.config.rope else x + self.transformer.wpe(pos)
+
+    def rotary(self, pos):
+        """The rotary angles for positions pos (T,) or (B, T): (cos, sin), each broadcastable to (B, nh, T, hs/2);
+        None without rope."""
+        if not self.config.rope:
+            return None
+        angles = pos.float()[..., None] * self.inv_freq  # (T, hs/2) or (B, T, hs/2)
+        if angles.dim() == 3:
+            angles = angles[:, None]  # (B, 1, T, hs/2): the same for every head
+        return angles.cos(), angles.sin()
 
     def classify(self, x, targets=None, lengths=None):
         """Class logits from hidden states x (B, T, C): the last real token sees the whole text through causal
@@ -263,7 +338,15 @@ class GPT(nn.Module):
             new[:old] = w[:old]
             new[old:] = w[:old].mean(dim=0)
         self.transformer.wte.weight = nn.Parameter(new)
-        self.lm_head.weight = self.transformer.wte.weight  # keep them tied
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # keep them tied
+        else:  # the output layer's new rows at its mean too
+            h = self.lm_head.weight
+            new = torch.empty(self.config.padded_vocab_size, h.size(1), dtype=h.dtype, device=h.device)
+            with torch.no_grad():
+                new[:old] = h[:old]
+                new[old:] = h[:old].mean(dim=0)
+            self.lm_head.weight = nn.Parameter(new)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
@@ -333,6 +416,9 @@ class GPT(nn.Module):
         c = self.config
         if c.bias is False:
             raise ValueError("a model with bias=False cannot be exported as GPT-2, which has biases")
+        if c.modern_options():
+            raise ValueError(f"a model with {', '.join(c.modern_options())} cannot be exported as GPT-2, which has "
+                             f"none of these: keep the sologpt checkpoint (sample.py and score.py read it)")
         if c.n_classes > 0:
             raise ValueError("a classifier (n_classes > 0) cannot be exported as GPT2LMHeadModel")
         path = Path(path)

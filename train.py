@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import UserError, autocast_context, load_config, print_config, resolve_auto_bool, resolve_device
-from model import CKPT_FORMAT_VERSION, read_checkpoint, save_checkpoint  # atomic: temp file, fsync, rename
+from model import CKPT_FORMAT_VERSION, GPTConfig, read_checkpoint, save_checkpoint  # atomic: temp file, fsync, rename
 import curriculum
 import finetune
 import memory
@@ -58,6 +58,12 @@ class TrainConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (the explicit formula)
     vocab_pad_multiple: int = 1  # round the embedding up to a multiple of this (64: faster on GPUs; README)
+    # modern architecture options (model.py), all off so that the model is GPT-2's; README, "Modern options"
+    rope: bool = False  # rotary position embeddings instead of a learned position table
+    norm: str = "layernorm"  # or "rmsnorm"
+    qk_norm: bool = False  # RMS-normalise queries and keys per head
+    mlp_act: str = "gelu"  # or "relu2" (squared ReLU)
+    tie_embeddings: bool = True  # False: the output layer gets its own weights
     attn_backend: str = "auto"  # CUDA kernel behind sdpa: "auto" (PyTorch picks), "flash", "cudnn" or "efficient"
     # ---- curriculum (curriculum.py); off by default
     seq_warmup_iters: int = 0  # > 0: sequences grow from seq_warmup_start to block_size over this many steps,
@@ -84,6 +90,7 @@ class TrainConfig:
     optim_state: str = "fp32"  # AdamW moments in "fp32", "bf16" or "int8" (block-wise 8-bit; lean_optim.py)
     base_dtype: str = "fp32"  # frozen Linear weights (freeze_layers, LoRA base) in "fp32", "bf16" or "int8"
     # ---- optimizer: AdamW, decoupled weight decay on matrices only
+    optimizer: str = "adamw"  # "muon": Muon (orthogonalised momentum) for the blocks' matrices, AdamW for the rest
     learning_rate: float = 6e-4  # peak learning rate
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -106,7 +113,8 @@ class TrainConfig:
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it, else float16 with loss scaling; float32 on CPU
     compile: bool | str = "auto"  # torch.compile the model; "auto" means on for CUDA, off elsewhere
     cuda_graphs: bool | str = False  # replay each step as one CUDA graph (cuda_graph.py); "auto": on if possible
-    fp8: bool = False  # fp8 matmuls in the transformer blocks (fp8.py): CUDA compute capability 8.9+, bfloat16
+    fp8: bool | str = False  # fp8 matmuls in the blocks (fp8.py): True or "tensorwise", or "rowwise"; Hopper/Ada, bf16
+    fp8_head: bool = False  # with fp8: the output layer's matmuls in fp8 too
     seed: int = 1337  # one seed for model init, batches and dropout
 
 
@@ -174,6 +182,15 @@ def resolve(cfg):
             lora.resolve_targets(cfg.lora_targets)
         except ValueError as e:
             raise UserError(f"lora_targets: {e}")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise UserError(f"optimizer={cfg.optimizer!r} is unknown: use 'adamw' or 'muon'")
+    if cfg.optimizer == "muon" and (cfg.lora_rank or cfg.optim_state != "fp32"):
+        raise UserError("optimizer='muon' trains whole matrices with its own fp32 momentum: it cannot be combined "
+                        "with lora_rank or optim_state; use optimizer='adamw' for those")
+    try:  # the model options, checked before any data is read
+        GPTConfig(norm=cfg.norm, mlp_act=cfg.mlp_act, rope=cfg.rope, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    except ValueError as e:
+        raise UserError(str(e))
     if cfg.attn_backend not in ATTN_BACKENDS:
         raise UserError(f"attn_backend={cfg.attn_backend!r} is unknown: use one of {', '.join(ATTN_BACKENDS)}")
     cfg.device, device_type, cfg.dtype = resolve_device(cfg.device, cfg.dtype)
@@ -193,6 +210,10 @@ def resolve(cfg):
     if cfg.base_dtype == "bf16" and cfg.dtype == "float32":
         raise UserError("base_dtype='bf16' needs 16-bit autocast (dtype bfloat16 or float16): use base_dtype='int8' "
                         "or another dtype")
+    if cfg.fp8 not in (False, True, "tensorwise", "rowwise"):
+        raise UserError(f"fp8={cfg.fp8!r} is unknown: use False, True (= 'tensorwise') or 'rowwise'")
+    if cfg.fp8_head and not cfg.fp8:
+        raise UserError("fp8_head=True needs fp8 set: fp8='rowwise' or fp8=True")
     if cfg.fp8 and (device_type != "cuda" or cfg.dtype != "bfloat16"):
         raise UserError(f"fp8=True needs a CUDA GPU and dtype bfloat16 (here device={cfg.device!r}, "
                         f"dtype={cfg.dtype!r}): set fp8=False")
@@ -204,7 +225,7 @@ def resolve(cfg):
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient")
 # fields a resumed run must share with its checkpoint: they decide which tensors exist, train, or how they are stored
 RESUME_FIXED = ("task", "cls_pool", "freeze_layers", "freeze_embeddings", "lora_rank", "lora_alpha", "lora_targets",
-                "optim_state", "base_dtype", "qat", "qat_group_size", "fp8")
+                "optim_state", "base_dtype", "qat", "qat_group_size", "fp8", "fp8_head", "optimizer")
 
 
 def set_attention_backend(name):
@@ -307,6 +328,10 @@ def get_lr(it, cfg):
 
 def make_optimizer(model, cfg, device_type):
     """AdamW; weight decay on matrices (matmul weights, embeddings) only, never on biases or LayerNorm gains."""
+    if cfg.optimizer == "muon":  # Muon for the blocks' matrices, AdamW for the rest (muon.py)
+        from muon import MuonWithAdamW
+        return MuonWithAdamW(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                             fused=device_type == "cuda", capturable=cfg.cuda_graphs)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -485,7 +510,11 @@ def train(cfg):
             fp8.check_fp8_device(cfg.device)
         except ValueError as e:
             raise UserError(str(e))
-        fp8.convert_to_fp8(model)  # same parameters and checkpoint keys; only the matmuls change
+        recipe = "tensorwise" if cfg.fp8 is True else cfg.fp8
+        try:  # same parameters and checkpoint keys; only the matmuls change
+            fp8.convert_to_fp8(model, recipe=recipe, head=cfg.fp8_head)
+        except ValueError as e:
+            raise UserError(str(e))
     easy = None
     if cfg.curriculum == "unigram":
         easy = curriculum.EasyFirst(splits["train"], cfg.block_size, model.config.vocab_size)

@@ -1,0 +1,184 @@
+"""The modern architecture options (rope, rmsnorm, qk_norm, relu2, untied head) and the Muon optimizer, on the
+CPU: each option changes what it should and nothing else, rotary positions are relative, cached and batched
+generation equal the plain path, train.py runs and resumes them exactly, and GPT-2 tools refuse them."""
+
+import math
+
+import pytest
+import torch
+
+import muon
+import train as train_mod
+from configurator import UserError, load_config
+from inference import Engine
+from model import GPT, GPTConfig, read_checkpoint, rotate
+
+ALL = dict(rope=True, norm="rmsnorm", qk_norm=True, mlp_act="relu2", tie_embeddings=False)
+OPTIONS = [dict(rope=True), dict(norm="rmsnorm"), dict(qk_norm=True), dict(mlp_act="relu2"),
+           dict(tie_embeddings=False), ALL]
+
+
+def run(flags):
+    return train_mod.train(load_config(train_mod.TrainConfig, flags))
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=64), **kw})).eval()
+    with torch.no_grad():  # larger weights than the init, so a wrong position or mask would change the tokens
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.3 / p.shape[-1] ** 0.5)
+    return model
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_option_changes_the_model_and_generation_stays_exact(opts):
+    plain, model = tiny(), tiny(**opts)
+    idx = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(plain(idx)[0], model(idx)[0])  # the option is really in the forward pass
+    keys = set(model.state_dict())
+    assert ("transformer.wpe.weight" in keys) == (not model.config.rope)
+    assert ("transformer.ln_f.bias" in keys) == (model.config.norm == "layernorm")
+    assert (model.lm_head.weight is model.transformer.wte.weight) == model.config.tie_embeddings
+    # cached decoding (positions continue from the cache) == recomputing the whole prefix, past block_size too
+    prompt = idx[:, :5]
+    cached = model.generate(prompt, 50, temperature=0, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, 50, temperature=0, use_cache=False))
+    # the batched engine: left-padded rows keep their own positions
+    prompts = [[5, 9, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
+    rows = Engine(model, 3, 11 + 12, "cpu").generate(prompts, 12, temperature=0)
+    for prompt, row in zip(prompts, rows):
+        reference = model.generate(torch.tensor([prompt]), 12, temperature=0, use_cache=False)[0, len(prompt):]
+        assert row == reference.tolist()
+
+
+def test_math_and_sdpa_agree_and_checkpointing_keeps_gradients():
+    sdpa = tiny(**ALL).train()
+    math_ = tiny(**ALL, attn_impl="math").train()
+    idx, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(math_(idx, y)[1], sdpa(idx, y)[1], rtol=1e-5, atol=1e-5)
+    sdpa(idx, y)[1].backward()
+    grads = [p.grad.clone() for p in sdpa.parameters()]
+    sdpa.zero_grad()
+    sdpa.grad_checkpointing = 1
+    sdpa(idx, y)[1].backward()
+    for g, p in zip(grads, sdpa.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    model = tiny(rope=True)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m, n):  # q at position m against k at position n
+        cq, sq = model.rotary(torch.tensor([m]))
+        ck, sk = model.rotary(torch.tensor([n]))
+        return (rotate(q, cq, sq) * rotate(k, ck, sk)).sum()
+
+    torch.testing.assert_close(score(7, 3), score(27, 23))
+    torch.testing.assert_close(score(0, 0), (q * k).sum())  # position 0 is no rotation
+    assert not torch.allclose(score(7, 3), score(7, 4))
+    assert rotate(q, *model.rotary(torch.tensor([5]))).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+
+
+def test_parameter_counts_and_flops():
+    tied, untied, rope = tiny(), tiny(tie_embeddings=False), tiny(rope=True)
+    assert untied.num_params() == tied.num_params() + 64 * 32  # the output layer's own weights
+    assert untied.flops_per_token() == tied.flops_per_token()  # the embedding lookup is not a matmul
+    assert rope.num_params() == tied.num_params()  # position tables are not counted either way
+    assert sum(p.numel() for p in rope.parameters()) == sum(p.numel() for p in tied.parameters()) - 48 * 32
+
+
+def test_untied_vocab_growth_and_crop():
+    model = tiny(tie_embeddings=False, rope=True)
+    model.resize_vocab(70)
+    assert model.lm_head.weight.shape == (70, 32) and model.transformer.wte.weight.shape == (70, 32)
+    torch.testing.assert_close(model.lm_head.weight[69], model.lm_head.weight[:64].mean(0))
+    model.crop_block_size(16)
+    assert model(torch.randint(0, 70, (1, 16)))[0].shape == (1, 16, 70)
+
+
+def test_gpt2_export_refuses_modern_options(tmp_path):
+    with pytest.raises(ValueError, match="rope, norm=rmsnorm cannot be exported as GPT-2"):
+        tiny(rope=True, norm="rmsnorm").save_pretrained(tmp_path / "hf")
+
+
+def test_unknown_option_values_are_one_line():
+    with pytest.raises(ValueError, match="norm='batchnorm' is unknown"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="mlp_act='swish' is unknown"):
+        GPTConfig(mlp_act="swish")
+    with pytest.raises(ValueError, match="even head size"):
+        GPTConfig(rope=True, n_embd=30, n_head=2)
+    for bad, match in ((dict(norm="batchnorm"), "norm='batchnorm'"), (dict(optimizer="lion"), "optimizer='lion'"),
+                       (dict(optimizer="muon", optim_state="int8"), "cannot be combined with lora_rank")):
+        with pytest.raises(UserError, match=match):
+            train_mod.resolve(train_mod.TrainConfig(device="cpu", **bad))
+
+
+# ---- Muon ----------------------------------------------------------------------------------------------------
+
+def test_orthogonalize_flattens_the_singular_values():
+    m = torch.randn(24, 64) @ torch.diag(torch.logspace(-2, 1, 64))  # singular values spread over 3 decades
+    s = torch.linalg.svdvals(muon.orthogonalize(m))
+    assert s.min() > 0.5 and s.max() < 1.3  # all near 1 (the quintic's fixed band), none left tiny
+    tall = torch.linalg.svdvals(muon.orthogonalize(m.t().contiguous()))
+    torch.testing.assert_close(tall, s, rtol=1e-4, atol=1e-4)  # a tall matrix is done by its transpose
+
+
+def test_muon_step_matches_torch_optim_muon():
+    """The written-out step against PyTorch's (adjust_lr_fn match_rms_adamw): same direction and size. Torch's
+    iterates in bfloat16 and ours in float32 on the CPU, so they agree to bf16 rounding, not bit for bit."""
+    torch.manual_seed(0)
+    w0 = torch.randn(48, 32)
+    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    a = muon.Muon([ours], lr=0.02, weight_decay=0.1)
+    b = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for step in range(3):
+        g = torch.randn(48, 32)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    d_ours, d_ref = (ours - w0).detach().flatten(), (ref - w0).detach().flatten()
+    assert torch.nn.functional.cosine_similarity(d_ours, d_ref, dim=0) > 0.99
+    assert d_ours.norm().item() == pytest.approx(d_ref.norm().item(), rel=0.03)
+
+
+def test_muon_takes_block_matrices_only():
+    model = tiny()
+    opt = muon.MuonWithAdamW(model, 1e-3, 0.1, (0.9, 0.95))
+    in_muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in in_muon) == (name.startswith("transformer.h.") and p.dim() == 2), name
+    assert len(opt.param_groups) == 3  # one Muon group, AdamW's decayed and undecayed groups
+    with pytest.raises(ValueError, match="2-D weights only"):
+        muon.Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
+@pytest.mark.parametrize("flags", [["--optimizer=muon"], ["--rope=True", "--norm=rmsnorm", "--qk_norm=True",
+                                   "--mlp_act=relu2", "--tie_embeddings=False", "--optimizer=muon"]],
+                         ids=["muon", "all"])
+def test_train_runs_learns_and_resumes_exactly(tiny_flags, tmp_path, flags):
+    flags = tiny_flags + flags + ["--lr_decay_iters=8"]
+    run(flags + ["--max_iters=8"])
+    straight = read_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert straight["best_val_loss"] < 4.0  # it learns (ln 65 = 4.17 at the start)
+    other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'r'}" for f in flags]
+    run(other + ["--max_iters=4"])
+    run(other + ["--max_iters=8", "--init_from=resume"])
+    resumed = read_checkpoint(tmp_path / "r" / "ckpt.pt")
+    for k, v in straight["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    # resuming without the options: one line naming the field
+    plain = [f for f in other if f not in flags[len(tiny_flags):]]
+    with pytest.raises(UserError, match="optimizer='muon'|rope=True"):
+        run(plain + ["--max_iters=10", "--init_from=resume"])
+
+
+def test_gpt2_weights_refuse_modern_options(tmp_path, tiny_flags):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32,
+                                                              vocab_size=65))
+    hf.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UserError, match="GPT-2 weights have GPT-2's architecture, but the config sets rope"):
+        run(tiny_flags + [f"--init_from={tmp_path / 'gpt2'}", "--rope=True", "--max_iters=1"])
