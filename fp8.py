@@ -9,15 +9,8 @@ the cast, so it uses the format's whole range, and _scaled_mm multiplies the res
 use e4m3 (more mantissa), gradients e5m2 (more range), the usual split (Micikevicius et al. 2022, "FP8 Formats
 for Deep Learning"). The forward saves the fp8 copies for backward, which also halves what the layer keeps.
 
-Two recipes (`fp8 = "tensorwise"` or `"rowwise"`):
-- tensorwise (fp8 = True): one scale per tensor, all three matmuls in fp8, as above. Finding the scale is a
-  reduction over the whole tensor, a separate pass over the activations before the cast can start.
-- rowwise: one scale per row (per token for activations and gradients, per output unit for weights). A row's
-  absmax is a reduction along the row, which torch.compile fuses into the kernel that produced the row (the
-  LayerNorm, the GELU), so the cast costs almost no extra pass. The weight gradient sums over tokens, across
-  rows, where per-row scales do not apply, so that one matmul stays in bf16 (grad_output.T @ input); all
-  operands use e4m3, whose smaller range the per-row scales make up for.
-`fp8_head = True` also runs the output layer (the tied embedding, the largest matmul at GPT-2 sizes) in fp8.
+`fp8_head = True` also runs the output layer (the tied embedding: at GPT-2 124M its matmuls are about a quarter
+of the model's FLOPs) in fp8; the embedding lookup itself stays an ordinary float lookup.
 
 The numbers differ from bf16 (3 mantissa bits instead of 7), so this is not the same function: tests check it
 stays close to the plain path, and the README reports the loss it reaches.
@@ -65,59 +58,23 @@ class _FP8Matmul(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def to_fp8_rows(x, dtype=E4M3):
-    """x (M, K) -> (fp8 tensor, inverse scales (M, 1)): one scale per row."""
-    amax = x.detach().abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)  # (M, 1)
-    scale = torch.finfo(dtype).max / amax
-    return (x.float() * scale).to(dtype).contiguous(), scale.reciprocal()  # row-major, whatever x's layout
-
-
-class _FP8RowwiseMatmul(torch.autograd.Function):
-    """y = x @ w.T with x (M, K) and w (N, K): forward and grad of x in fp8 with per-row scales, grad of w in
-    bf16 (its sum runs over the rows, M, which the per-row scales cannot factor out of)."""
-
-    @staticmethod
-    def forward(ctx, x, w, out_dtype):
-        x8, x_inv = to_fp8_rows(x)  # (M, K), (M, 1)
-        w8, w_inv = to_fp8_rows(w)  # (N, K), (N, 1)
-        ctx.save_for_backward(x.to(out_dtype), w)
-        ctx.out_dtype = out_dtype
-        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.t(), out_dtype=out_dtype)  # (M, N)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, w = ctx.saved_tensors
-        g8, g_inv = to_fp8_rows(grad_y)  # (M, N), a scale per token
-        wt8, wt_inv = to_fp8_rows(w.t())  # (K, N) row-major, a scale per input unit
-        # dL/dx = grad_y @ w: (M, N) @ (N, K); wt8.t() is (N, K) column-major, as _scaled_mm wants
-        grad_x = torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.t(), out_dtype=ctx.out_dtype)
-        grad_w = (grad_y.to(ctx.out_dtype).t() @ x).to(w.dtype)  # (N, K) = (N, M) @ (M, K), in bf16
-        return grad_x, grad_w, None
-
-
-RECIPES = {"tensorwise": _FP8Matmul, "rowwise": _FP8RowwiseMatmul}
-
-
 class FP8Linear(nn.Linear):
     """nn.Linear whose matmuls run in fp8; out_dtype is what autocast would have produced (bf16 on the GPU)."""
 
     out_dtype = torch.bfloat16
-    recipe = "tensorwise"
 
     def forward(self, x):
         shape = x.shape
-        y = RECIPES[self.recipe].apply(x.reshape(-1, shape[-1]), self.weight, self.out_dtype)  # (B*T, out)
+        y = _FP8Matmul.apply(x.reshape(-1, shape[-1]), self.weight, self.out_dtype)  # (B*T, out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], -1)  # (B, T, out)
 
 
-def convert_to_fp8(model, out_dtype=torch.bfloat16, recipe="tensorwise", head=False):
+def convert_to_fp8(model, out_dtype=torch.bfloat16, head=False):
     """Make every nn.Linear in the transformer blocks an FP8Linear, in place; with head=True the output layer
     too (it shares its weight with the token embedding, which stays an ordinary lookup). Returns the number
     of layers converted."""
-    if recipe not in RECIPES:
-        raise ValueError(f"fp8 recipe {recipe!r} is unknown: use one of {', '.join(RECIPES)}")
     layers = [m for m in model.transformer.h.modules() if type(m) is nn.Linear]
     if head:
         layers.append(model.lm_head)
@@ -127,7 +84,7 @@ def convert_to_fp8(model, out_dtype=torch.bfloat16, recipe="tensorwise", head=Fa
                              f"{module.out_features}: pick n_embd (and, with fp8_head, vocab_pad_multiple) "
                              f"as a multiple of 16")
         module.__class__ = FP8Linear  # same parameters and state_dict keys, new forward
-        module.out_dtype, module.recipe = out_dtype, recipe
+        module.out_dtype = out_dtype
     return len(layers)
 
 
@@ -150,11 +107,3 @@ def reference_linear(x, w, b=None):
     return y if b is None else y + b
 
 
-
-def reference_rowwise(x, w, b=None):
-    """What the rowwise recipe computes forward, in float32 (for tests): each row of x and of w rounded to e4m3
-    with its own scale, then an ordinary matmul."""
-    x8, x_inv = to_fp8_rows(x)
-    w8, w_inv = to_fp8_rows(w)
-    y = (x8.float() * x_inv) @ (w8.float() * w_inv).t()
-    return y if b is None else y + b

@@ -29,29 +29,7 @@ def test_forward_equals_float32_write_up():
     torch.testing.assert_close(lin(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_rowwise_forward_and_gradients_equal_float32_write_up():
-    """Forward: each row of x and w rounded to e4m3 with its own scale. Grad of x: grad_y's rows and w's
-    columns rounded likewise. Grad of w: exact (grad_y.T @ x in the layer's dtype)."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 48, bias=False)
-    x = (torch.randn(35, 64) * torch.logspace(-3, 2, 35)[:, None]).requires_grad_()  # rows of very different size
-    expected = fp8.reference_rowwise(x, lin.weight)
-    lin.__class__, lin.out_dtype, lin.recipe = fp8.FP8Linear, torch.float32, "rowwise"
-    y = lin(x)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-    g = torch.randn(35, 48) * torch.logspace(2, -3, 35)[:, None]
-    y.backward(g)
-    g8, g_inv = fp8.to_fp8_rows(g)
-    wt8, wt_inv = fp8.to_fp8_rows(lin.weight.detach().t())
-    torch.testing.assert_close(x.grad, (g8.float() * g_inv) @ (wt8.float() * wt_inv).t(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lin.weight.grad, g.t() @ x.detach(), rtol=1e-5, atol=1e-5)
-    # per-row scales keep every row's relative error at e4m3's rounding, however small the row
-    rel = ((y - x.detach() @ lin.weight.detach().t()).norm(dim=1) / (x.detach() @ lin.weight.detach().t()).norm(dim=1))
-    assert rel.max() < 0.1
-
-
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_operands_have_the_layouts_cuda_needs(recipe, monkeypatch):
+def test_operands_have_the_layouts_cuda_needs(monkeypatch):
     """The CPU kernel takes any layout; CUDA's wants the first operand row-major and the second column-major.
     Check every call of a model's forward and backward for that."""
     real, calls = torch._scaled_mm, []
@@ -63,15 +41,10 @@ def test_operands_have_the_layouts_cuda_needs(recipe, monkeypatch):
 
     monkeypatch.setattr(torch, "_scaled_mm", checked)
     model = tiny_model()
-    fp8.convert_to_fp8(model, torch.float32, recipe=recipe, head=True)
+    fp8.convert_to_fp8(model, torch.float32, head=True)
     x, y = batch()
     model(x, y)[1].backward()
-    assert len(calls) == 9 * (3 if recipe == "tensorwise" else 2)
-
-
-def test_unknown_recipe_is_refused():
-    with pytest.raises(ValueError, match="recipe 'blockwise' is unknown"):
-        fp8.convert_to_fp8(tiny_model(), recipe="blockwise")
+    assert len(calls) == 9 * 3  # 8 block layers and the head, 3 matmuls each
 
 
 def test_scaling_uses_the_whole_range():
@@ -82,13 +55,12 @@ def test_scaling_uses_the_whole_range():
     assert rel < 2 ** -3  # e4m3 keeps 3 mantissa bits: rounding error below 1/16 (1/8 with subnormals' margin)
 
 
-@pytest.mark.parametrize("recipe,head", [("tensorwise", False), ("rowwise", False), ("rowwise", True),
-                                         ("tensorwise", True)])
-def test_model_stays_close_to_plain_path_and_keeps_keys(recipe, head):
+@pytest.mark.parametrize("head", [False, True])
+def test_model_stays_close_to_plain_path_and_keeps_keys(head):
     plain, low = tiny_model(), tiny_model()
     keys = list(plain.state_dict())
     # 4 Linear layers per block, 2 blocks, and the output layer with head=True
-    assert fp8.convert_to_fp8(low, torch.float32, recipe=recipe, head=head) == 8 + head
+    assert fp8.convert_to_fp8(low, torch.float32, head=head) == 8 + head
     assert low.lm_head.weight is low.transformer.wte.weight  # still tied
     assert list(low.state_dict()) == keys
     x, y = batch()
@@ -103,10 +75,9 @@ def test_model_stays_close_to_plain_path_and_keeps_keys(recipe, head):
     assert torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.99
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_fp8_training_lowers_the_loss(recipe):
+def test_fp8_training_lowers_the_loss():
     model = tiny_model()
-    fp8.convert_to_fp8(model, torch.float32, recipe=recipe, head=True)
+    fp8.convert_to_fp8(model, torch.float32, head=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x, y = batch()
     losses = []
@@ -133,7 +104,5 @@ def test_train_refuses_fp8_on_cpu():
 
 
 def test_train_checks_fp8_values():
-    with pytest.raises(UserError, match="fp8='columnwise' is unknown"):
-        resolve(TrainConfig(device="cpu", fp8="columnwise"))
     with pytest.raises(UserError, match="fp8_head=True needs fp8"):
         resolve(TrainConfig(device="cpu", fp8_head=True))
