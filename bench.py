@@ -108,7 +108,7 @@ def throughput(args):
     print(f"{name}, torch {torch.__version__}, peak {args.peak / 1e12:.0f} TFLOP/s (bf16 dense), "
           f"block {args.block_size}, vocab {args.vocab_size} (pad multiple {args.vocab_pad_multiple}), "
           f"compile {args.compile}, cuda_graphs {args.cuda_graphs}, attn_backend {args.attn_backend}, "
-          f"bias {args.bias}, fp8 {args.fp8 or False}{' + head' if args.fp8_head else ''}, optimizer {args.optimizer}")
+          f"bias {args.bias}, fp8 {args.fp8}{' + head' if args.fp8_head else ''}, optimizer {args.optimizer}")
     arch = dict(rope=args.rope, norm=args.norm, qk_norm=args.qk_norm, mlp_act=args.mlp_act,
                 tie_embeddings=not args.untied)
     if GPTConfig(**arch).modern_options():
@@ -123,8 +123,8 @@ def throughput(args):
         name = "sologpt"
         if args.fp8:
             import fp8
-            fp8.convert_to_fp8(model, recipe=args.fp8, head=args.fp8_head)
-            name += f" fp8 {args.fp8}" + (" +head" if args.fp8_head else "")
+            fp8.convert_to_fp8(model, head=args.fp8_head)
+            name += " fp8" + (" +head" if args.fp8_head else "")
         bench_model(name, model, model.flops_per_token(args.block_size), args, bs)
         del model
         torch.cuda.empty_cache()
@@ -172,8 +172,7 @@ def main():
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--eager", action="store_true", help="skip torch.compile")
     p.add_argument("--attn_backend", default="auto")
-    p.add_argument("--fp8", nargs="?", const="tensorwise", choices=["tensorwise", "rowwise"],
-                   help="fp8 matmuls in the blocks (fp8.py), Hopper-class GPUs; the recipe, default tensorwise")
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (fp8.py), Hopper-class GPUs")
     p.add_argument("--fp8_head", action="store_true", help="with --fp8: the output layer in fp8 too")
     p.add_argument("--cuda_graphs", action="store_true", help="replay each step as one CUDA graph (cuda_graph.py)")
     p.add_argument("--no_bias", dest="bias", action="store_false",
@@ -191,13 +190,18 @@ def main():
     p.add_argument("--recipe", help="a train.py config file: time it to --target instead")
     p.add_argument("--target", type=float, default=1.47)
     p.add_argument("--stop_at_target", action="store_true")
-    args, extra = p.parse_known_args()
-    args.compile = not args.eager
-    args.extra = extra  # with --recipe: more train.py flags, e.g. --max_iters=2000
-    if args.recipe:
+    r = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the recipe mode's own flags
+    r.add_argument("--recipe")
+    r.add_argument("--target", type=float, default=1.47)
+    r.add_argument("--stop_at_target", action="store_true")
+    args, extra = r.parse_known_args()
+    if args.recipe:  # every other flag goes to train.py untouched, e.g. --max_iters=2000 or --rope=True
+        args.extra = extra
         recipe(args)
-    else:
-        throughput(args)
+        return
+    args = p.parse_args()
+    args.compile = not args.eager
+    throughput(args)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ class TrainConfig:
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it, else float16 with loss scaling; float32 on CPU
     compile: bool | str = "auto"  # torch.compile the model; "auto" means on for CUDA, off elsewhere
     cuda_graphs: bool | str = False  # replay each step as one CUDA graph (cuda_graph.py); "auto": on if possible
-    fp8: bool | str = False  # fp8 matmuls in the blocks (fp8.py): True or "tensorwise", or "rowwise"; Hopper/Ada, bf16
+    fp8: bool = False  # fp8 matmuls in the transformer blocks (fp8.py): CUDA compute capability 8.9+, bfloat16
     fp8_head: bool = False  # with fp8: the output layer's matmuls in fp8 too
     seed: int = 1337  # one seed for model init, batches and dropout
 
@@ -210,10 +210,8 @@ def resolve(cfg):
     if cfg.base_dtype == "bf16" and cfg.dtype == "float32":
         raise UserError("base_dtype='bf16' needs 16-bit autocast (dtype bfloat16 or float16): use base_dtype='int8' "
                         "or another dtype")
-    if cfg.fp8 not in (False, True, "tensorwise", "rowwise"):
-        raise UserError(f"fp8={cfg.fp8!r} is unknown: use False, True (= 'tensorwise') or 'rowwise'")
     if cfg.fp8_head and not cfg.fp8:
-        raise UserError("fp8_head=True needs fp8 set: fp8='rowwise' or fp8=True")
+        raise UserError("fp8_head=True needs fp8=True")
     if cfg.fp8 and (device_type != "cuda" or cfg.dtype != "bfloat16"):
         raise UserError(f"fp8=True needs a CUDA GPU and dtype bfloat16 (here device={cfg.device!r}, "
                         f"dtype={cfg.dtype!r}): set fp8=False")
@@ -510,9 +508,8 @@ def train(cfg):
             fp8.check_fp8_device(cfg.device)
         except ValueError as e:
             raise UserError(str(e))
-        recipe = "tensorwise" if cfg.fp8 is True else cfg.fp8
         try:  # same parameters and checkpoint keys; only the matmuls change
-            fp8.convert_to_fp8(model, recipe=recipe, head=cfg.fp8_head)
+            fp8.convert_to_fp8(model, head=cfg.fp8_head)
         except ValueError as e:
             raise UserError(str(e))
     easy = None
