@@ -200,6 +200,8 @@ def main():
         recipe(args)
         return
     args = p.parse_args()
+    if args.fp8_head and not args.fp8:
+        p.error("--fp8_head needs --fp8")
     args.compile = not args.eager
     throughput(args)
 

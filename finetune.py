@@ -57,8 +57,8 @@ def set_classifier(model, n_classes, cls_pool="last"):
 
 
 def freeze(model, freeze_layers=0, freeze_embeddings=False):
-    """Stop gradients for the first freeze_layers blocks and/or the embeddings. With tied weights the token
-    embedding is also the output layer, so freeze_embeddings freezes that too. Frozen tensors get no .grad and
+    """Stop gradients for the first freeze_layers blocks and/or the embeddings. freeze_embeddings freezes the
+    output layer too (with tied weights it is the token embedding itself). Frozen tensors get no .grad and
     no optimizer state (make_optimizer takes only parameters that require grad), so they stay bit-identical."""
     if freeze_layers > model.config.n_layer:
         raise ValueError(f"freeze_layers={freeze_layers} but the model has {model.config.n_layer} layers")
@@ -66,6 +66,7 @@ def freeze(model, freeze_layers=0, freeze_embeddings=False):
         block.requires_grad_(False)
     if freeze_embeddings:
         model.transformer.wte.requires_grad_(False)
+        model.lm_head.requires_grad_(False)  # the same tensor when tied; the output embedding when not
         if "wpe" in model.transformer:  # rotary positions have no weights
             model.transformer.wpe.requires_grad_(False)
 
@@ -197,6 +198,10 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
         model = start_model(init_source, block_size=cfg.block_size, vocab_size=meta["vocab_size"],
                             dropout=cfg.dropout, attn_impl=cfg.attn_impl, vocab_pad_multiple=cfg.vocab_pad_multiple,
                             **head)
+        for key in ARCH_FIELDS:  # an option set in the config that the start point's weights do not have
+            if arch[key] != getattr(GPTConfig(), key) and arch[key] != getattr(model.config, key):
+                raise ValueError(f"{init_source} has {key}={getattr(model.config, key)!r}, but the config sets "
+                                 f"{key}={arch[key]!r}: the weights fix the architecture, so drop --{key}")
         for key in fixed:  # record the real shape and architecture
             setattr(cfg, key, getattr(model.config, key))
         if ckpt is None and (cfg.lora_rank or cfg.freeze_embeddings) and getattr(model, "vocab_grown_from", None):

@@ -9,8 +9,8 @@ the cast, so it uses the format's whole range, and _scaled_mm multiplies the res
 use e4m3 (more mantissa), gradients e5m2 (more range), the usual split (Micikevicius et al. 2022, "FP8 Formats
 for Deep Learning"). The forward saves the fp8 copies for backward, which also halves what the layer keeps.
 
-`fp8_head = True` also runs the output layer (the tied embedding: at GPT-2 124M its matmuls are about a quarter
-of the model's FLOPs) in fp8; the embedding lookup itself stays an ordinary float lookup.
+`fp8_head = True` also runs the output layer (at GPT-2 124M its matmuls are about a quarter of the model's
+FLOPs) in fp8; with tied weights the embedding lookup of the same tensor stays an ordinary float lookup.
 
 The numbers differ from bf16 (3 mantissa bits instead of 7), so this is not the same function: tests check it
 stays close to the plain path, and the README reports the loss it reaches.
@@ -73,7 +73,7 @@ class FP8Linear(nn.Linear):
 
 def convert_to_fp8(model, out_dtype=torch.bfloat16, head=False):
     """Make every nn.Linear in the transformer blocks an FP8Linear, in place; with head=True the output layer
-    too (it shares its weight with the token embedding, which stays an ordinary lookup). Returns the number
+    too (when tied, its weight is also the token embedding, whose lookup stays as it was). Returns the number
     of layers converted."""
     layers = [m for m in model.transformer.h.modules() if type(m) is nn.Linear]
     if head:

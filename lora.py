@@ -39,13 +39,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import GPTConfig
+
 FORMAT, VERSION = "sologpt-lora", 1  # bump VERSION when the adapter file's layout changes
 
 TARGETS = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
 GROUPS = {"attn": ("c_attn", "attn.c_proj"), "mlp": ("c_fc", "mlp.c_proj"), "all": tuple(TARGETS)}
 # GPTConfig fields that fix the base's shapes and what its layers compute: an adapter means nothing on a base where
 # one differs. block_size is not among them: crop_block_size drops positions but leaves every adapted layer as it was.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "rope", "norm", "qk_norm", "mlp_act",
+                "tie_embeddings")
 FINGERPRINT_SAMPLES = 8  # values kept per base tensor: a different base is caught with near certainty
 
 
@@ -175,13 +178,14 @@ def lora_config(model):
 def base_fingerprint(model):
     """A few values at fixed positions of every base tensor, keyed by the names the plain model uses, to notice an
     adapter loaded onto other weights than it was trained on. Left out: the position embedding (crop_block_size
-    shortens it), the tied lm_head (the same tensor as wte) and wte's vocabulary padding rows (never trained)."""
+    shortens it), a tied lm_head (the same tensor as wte) and vocabulary padding rows (never trained)."""
     fingerprint = {}
     for name, t in model.state_dict().items():
-        if name.endswith((".lora_A", ".lora_B")) or name in ("transformer.wpe.weight", "lm_head.weight") \
+        tied_head = name == "lm_head.weight" and model.config.tie_embeddings
+        if name.endswith((".lora_A", ".lora_B")) or name == "transformer.wpe.weight" or tied_head \
                 or name.startswith("cls_head."):  # a classification head trains beside the adapters
             continue
-        if name == "transformer.wte.weight":
+        if name in ("transformer.wte.weight", "lm_head.weight"):
             t = t[:model.config.vocab_size]
         t = t.detach().flatten()
         if t.numel() == 0 or not t.is_floating_point():  # a quantized layer's int8 weight says nothing about
@@ -231,8 +235,10 @@ def load_adapter(model, adapter_ckpt, strict=False):
     if adapter_ckpt.get("version") != VERSION:
         raise ValueError(f"adapter file version {adapter_ckpt.get('version')!r} is not supported: "
                          f"this code reads version {VERSION}")
-    saved, have = adapter_ckpt["base"]["model_config"], dataclasses.asdict(model.config)
-    diffs = [f"{f}={saved.get(f)!r}, base has {f}={have.get(f)!r}" for f in SHAPE_FIELDS if saved.get(f) != have.get(f)]
+    default = dataclasses.asdict(GPTConfig())  # a field the file predates had its default value
+    saved = {**default, **adapter_ckpt["base"]["model_config"]}
+    have = dataclasses.asdict(model.config)
+    diffs = [f"{f}={saved[f]!r}, base has {f}={have[f]!r}" for f in SHAPE_FIELDS if saved[f] != have[f]]
     if diffs:
         raise ValueError(f"adapter was trained on {'; '.join(diffs)}: load the base model it was trained on")
 

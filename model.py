@@ -454,7 +454,13 @@ class GPT(nn.Module):
         return model
 
     def config_dict(self):
-        return asdict(self.config)
+        """The config for a checkpoint. Architecture options at their GPT-2 defaults are left out, so a plain
+        model's checkpoint stays readable by versions that predate them (GPTConfig fills them back in)."""
+        d, default = asdict(self.config), GPTConfig()
+        for key in ("rope", "rope_base", "norm", "qk_norm", "mlp_act", "tie_embeddings"):
+            if d[key] == getattr(default, key):
+                del d[key]
+        return d
 
 
 CKPT_FORMAT_VERSION = 1  # bump when the checkpoint layout changes

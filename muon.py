@@ -71,6 +71,9 @@ class MuonWithAdamW:
         matrices = [p for n, p in params if p.dim() == 2 and n.startswith("transformer.h.")]
         ids = {id(p) for p in matrices}
         rest = [p for _, p in params if id(p) not in ids]
+        if not matrices:
+            raise ValueError("optimizer='muon' found no trainable weight matrices in the blocks (all frozen?): "
+                             "use optimizer='adamw'")
         self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum)
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},  # embeddings
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # biases, norm gains

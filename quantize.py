@@ -220,8 +220,10 @@ def quantized_checkpoint(ckpt, mode, group_size=128, skip=("lm_head",)):
     if is_quantized(ckpt):
         raise ValueError(f"the checkpoint is already quantized ({ckpt['quantization']['mode']}): "
                          f"quantize the float checkpoint it came from")
-    model = quantize_model(GPT.from_checkpoint(ckpt), mode, group_size, skip)
-    out = {k: v for k, v in ckpt.items() if k not in RESUME_ONLY_KEYS}
+    from finetune import load_model  # a LoRA run's checkpoint too: its base rebuilt and the adapters merged
+    model = quantize_model(load_model(ckpt), mode, group_size, skip)
+    out = {k: v for k, v in ckpt.items() if k not in RESUME_ONLY_KEYS and k != "adapter"}
+    out["model_config"] = model.config_dict()
     out["model"] = model.state_dict()
     out["quantization"] = {"mode": mode, "group_size": group_size if mode == "int4" else None, "skip": list(skip)}
     return out

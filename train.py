@@ -462,13 +462,17 @@ def train(cfg):
         except ValueError as e:
             raise UserError(str(e))
     print(memory.estimate(model, cfg)[1])
-    optimizer = make_optimizer(model, cfg, device_type)
+    try:
+        optimizer = make_optimizer(model, cfg, device_type)
+    except ValueError as e:
+        raise UserError(str(e))
     # loss scaling keeps small float16 gradients from flushing to zero; bfloat16 and float32 need none
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches; saved in checkpoints
     iter_num, best_val_loss = 0, float("inf")
     last_eval_iter = -1  # the step of the last evaluation, so a resumed run does not repeat or skip one
     elapsed = 0.0  # seconds of training before this process (time_s in metrics.jsonl continues across resumes)
+    skipped_steps = 0  # float16: optimizer steps the loss scaler skipped because gradients overflowed
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # the saved groups may come from a run with or without CUDA graphs
@@ -478,6 +482,7 @@ def train(cfg):
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         last_eval_iter, elapsed = ckpt["last_eval_iter"], ckpt["elapsed_s"]
+        skipped_steps = ckpt.get("skipped_steps", 0)  # absent in checkpoints of earlier versions
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device_type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -541,6 +546,7 @@ def train(cfg):
             "init_source": init_source,  # "scratch", or the GPT-2 directory or checkpoint the run started from
             "best_val_loss": best_val_loss,
             "last_eval_iter": last_eval_iter,
+            "skipped_steps": skipped_steps,
             "elapsed_s": time.time() - t_start,
             "train_config": dataclasses.asdict(cfg),
             "rng": {
@@ -564,7 +570,6 @@ def train(cfg):
                unit="step", file=sys.stdout)
     log = bar.write
     loss_sum = torch.zeros((), device=cfg.device)  # summed on the device; read only at log steps
-    skipped_steps = 0  # float16: optimizer steps the loss scaler skipped because gradients overflowed
     steps_since_log, t_log = 0, time.perf_counter()
     try:
         while True:

@@ -182,3 +182,66 @@ def test_gpt2_weights_refuse_modern_options(tmp_path, tiny_flags):
     hf.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(UserError, match="GPT-2 weights have GPT-2's architecture, but the config sets rope"):
         run(tiny_flags + [f"--init_from={tmp_path / 'gpt2'}", "--rope=True", "--max_iters=1"])
+
+
+def test_plain_checkpoint_config_leaves_the_options_out_and_modern_round_trips():
+    plain, modern = tiny(), tiny(**ALL)
+    assert not {"rope", "norm", "qk_norm", "mlp_act", "tie_embeddings"} & set(plain.config_dict())
+    again = GPT(GPTConfig(**modern.config_dict()))
+    again.load_state_dict(modern.state_dict())
+    idx = torch.randint(0, 64, (1, 10))
+    torch.testing.assert_close(again(idx)[0], modern(idx)[0])
+
+
+def test_freeze_embeddings_freezes_an_untied_head():
+    import finetune
+    model = tiny(tie_embeddings=False)
+    finetune.freeze(model, 0, True)
+    assert not model.lm_head.weight.requires_grad and not model.transformer.wte.weight.requires_grad
+
+
+def test_lora_and_quantization_on_a_modern_model():
+    import lora
+    import quantize
+    model = tiny(**ALL)
+    idx = torch.randint(0, 64, (2, 12))
+    ref = model(idx)[0]
+    q = quantize.quantize_model(tiny(**ALL), "int8")
+    assert (q(idx)[0] - ref).abs().max() < 0.05 * ref.abs().max()  # int8 rounding, not another function
+    lora.apply_lora(model, 4, 8.0, 0.0, "all")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)  # B starts at zero: give the adapters something to add
+    adapted = model(idx)[0]
+    file = lora.adapter_checkpoint(model)
+    other = tiny(**{**ALL, "rope": False})
+    with pytest.raises(ValueError, match="rope=True, base has rope=False"):
+        lora.load_adapter(other, file)
+    lora.merge_lora(model)
+    torch.testing.assert_close(model(idx)[0], adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_muon_with_every_block_frozen_and_conflicting_start_point_are_one_line(tiny_flags, tmp_path):
+    with pytest.raises(UserError, match="no trainable weight matrices"):
+        run(tiny_flags + ["--optimizer=muon", "--freeze_layers=2", "--max_iters=1"])
+    run(tiny_flags + ["--max_iters=2", "--rope=True"])
+    other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'ft'}" for f in tiny_flags]
+    with pytest.raises(UserError, match="has norm='layernorm', but the config sets norm='rmsnorm'"):
+        run(other + [f"--init_from={tmp_path / 'out' / 'ckpt.pt'}", "--norm=rmsnorm", "--max_iters=1"])
+    run(other + [f"--init_from={tmp_path / 'out' / 'ckpt.pt'}", "--max_iters=1"])  # the options come from it
+    assert read_checkpoint(tmp_path / "ft" / "ckpt.pt")["model_config"]["rope"] is True
+
+
+def test_quantize_a_lora_run_checkpoint(tiny_flags, tmp_path):
+    import finetune
+    import quantize
+    run(tiny_flags + ["--max_iters=3"])
+    other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'lora'}" for f in tiny_flags]
+    run(other + [f"--init_from={tmp_path / 'out' / 'ckpt.pt'}", "--lora_rank=2", "--max_iters=3"])
+    ckpt = read_checkpoint(tmp_path / "lora" / "ckpt.pt")
+    merged = finetune.load_model(ckpt)
+    q = finetune.load_model(quantize.quantized_checkpoint(ckpt, "int8"))
+    idx = torch.randint(0, merged.config.vocab_size, (1, 16))
+    ref = merged(idx)[0]
+    assert (q(idx)[0] - ref).abs().max() < 0.05 * ref.abs().max()
