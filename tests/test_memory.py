@@ -198,3 +198,7 @@ def test_float16_skipped_steps_are_counted_and_logged(tiny_flags, tmp_path, monk
     assert last["skipped_steps"] == 1 and last["loss_scale"] == 65536.0 / 2
     ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["scaler"]["scale"] == 65536.0 / 2  # the scaler's state is in the checkpoint
+    assert ckpt["skipped_steps"] == 1
+    run(tiny_flags + ["--max_iters=10", "--dtype=float16", "--eval_interval=5", "--init_from=resume"])
+    last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["skipped_steps"] == 1  # counted across the resume, not restarted
