@@ -19,6 +19,16 @@ MOMENT_BYTES = {"fp32": 8, "bf16": 4, "int8": 2}  # both AdamW moments together,
 BASE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # a frozen Linear weight
 
 
+def optimizer_bytes(model, cfg):
+    """The optimizer's state: AdamW keeps two moments per trainable parameter (MOMENT_BYTES); Muon one fp32
+    momentum per weight matrix in the blocks, and AdamW's two for the rest."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if getattr(cfg, "optimizer", "adamw") != "muon":
+        return MOMENT_BYTES[cfg.optim_state] * sum(p.numel() for _, p in params)
+    muon = sum(p.numel() for n, p in params if p.dim() == 2 and n.startswith("transformer.h."))
+    return 4 * muon + 8 * (sum(p.numel() for _, p in params) - muon)
+
+
 def estimate(model, cfg):
     """Bytes for weights, gradients, optimizer state and activations of one micro-batch: a dict, and a log line."""
     c = model.config
@@ -39,7 +49,7 @@ def estimate(model, cfg):
         layers = n_ckpt * 4 * c.n_embd + (c.n_layer - n_ckpt + 1) * per_layer
     else:
         layers = c.n_layer * per_layer
-    out = {"weights": weights, "gradients": 4 * trainable, "optimizer": MOMENT_BYTES[cfg.optim_state] * trainable,
+    out = {"weights": weights, "gradients": 4 * trainable, "optimizer": optimizer_bytes(model, cfg),
            "activations": tokens * (layers + 10 * c.vocab_size)}
     gib = {k: v / 2**30 for k, v in out.items()}
     line = (f"memory estimate: weights {gib['weights']:.2f} + gradients {gib['gradients']:.2f} + optimizer "
@@ -140,12 +150,12 @@ def oom_message(cfg, device):
             f"allocated of {total:.1f} GiB): try {', '.join(tips)}; the last checkpoint is untouched")
 
 
-def auto_batch_size(model, cfg, ctx, n_trainable):
+def auto_batch_size(model, cfg, ctx):
     """batch_size="auto": the largest micro-batch whose forward and backward fit next to the optimizer state (held
     as a placeholder of its size, so the real optimizer is untouched), then the gradient accumulation that keeps
     auto_batch_sequences sequences per step. Runs before torch.compile; compiled steps need no more memory."""
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cfg.device.startswith("cuda") else None)
-    state_bytes = MOMENT_BYTES[cfg.optim_state] * n_trainable
+    state_bytes = optimizer_bytes(model, cfg)
     vocab = model.config.vocab_size
 
     def try_step(b):

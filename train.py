@@ -455,10 +455,9 @@ def train(cfg):
         except ValueError as e:
             raise UserError(str(e))
 
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.batch_size == "auto":
         try:
-            cfg.batch_size, cfg.gradient_accumulation_steps = memory.auto_batch_size(model, cfg, ctx, n_trainable)
+            cfg.batch_size, cfg.gradient_accumulation_steps = memory.auto_batch_size(model, cfg, ctx)
         except ValueError as e:
             raise UserError(str(e))
     print(memory.estimate(model, cfg)[1])

@@ -120,7 +120,7 @@ def test_auto_batch_keeps_sequences_per_step(monkeypatch, capsys):
     cfg = train_mod.TrainConfig(device="cpu", block_size=16, batch_size="auto", auto_batch_sequences=8)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=32))
-    micro, accum = memory.auto_batch_size(model, cfg, torch.autocast("cpu", enabled=False), 100)
+    micro, accum = memory.auto_batch_size(model, cfg, torch.autocast("cpu", enabled=False))
     assert (micro, accum) == (3, 3)  # 8 sequences: 3 micro-batches of 3 (9 >= 8)
     assert "largest micro-batch that fits is 3" in capsys.readouterr().out
     assert all(p.grad is None for p in model.parameters())  # the probes leave nothing behind

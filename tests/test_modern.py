@@ -245,3 +245,12 @@ def test_quantize_a_lora_run_checkpoint(tiny_flags, tmp_path):
     idx = torch.randint(0, merged.config.vocab_size, (1, 16))
     ref = merged(idx)[0]
     assert (q(idx)[0] - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_memory_estimate_counts_one_momentum_per_muon_matrix():
+    import memory
+    model = tiny()
+    adamw = memory.estimate(model, train_mod.TrainConfig(device="cpu"))[0]["optimizer"]
+    mu = memory.estimate(model, train_mod.TrainConfig(device="cpu", optimizer="muon"))[0]["optimizer"]
+    block_matrices = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
+    assert adamw - mu == 4 * block_matrices
