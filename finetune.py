@@ -227,6 +227,7 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
             raise ValueError(f"qat: {e}")
     memory.lower_frozen_weights(model, cfg.base_dtype)  # before loading: a checkpoint holds them lowered already
     model.grad_checkpointing = cfg.grad_checkpointing
+    model.loss_chunk = cfg.chunked_loss
     if ckpt is not None:
         model.load_state_dict(ckpt["model"], strict="adapter" not in ckpt)
     if cfg.freeze_layers or cfg.freeze_embeddings or cfg.lora_rank:

@@ -50,7 +50,7 @@ def estimate(model, cfg):
     else:
         layers = c.n_layer * per_layer
     out = {"weights": weights, "gradients": 4 * trainable, "optimizer": optimizer_bytes(model, cfg),
-           "activations": tokens * (layers + 10 * c.vocab_size)}
+           "activations": tokens * layers + 10 * c.vocab_size * min(tokens, getattr(cfg, "chunked_loss", 0) or tokens)}
     gib = {k: v / 2**30 for k, v in out.items()}
     line = (f"memory estimate: weights {gib['weights']:.2f} + gradients {gib['gradients']:.2f} + optimizer "
             f"{gib['optimizer']:.2f} + activations {gib['activations']:.2f} (micro-batch of {tokens:,} tokens) = "

@@ -213,6 +213,7 @@ class GPT(nn.Module):
         if config.n_classes > 0:
             self.cls_head = nn.Linear(config.n_embd, config.n_classes)
         self.grad_checkpointing = 0  # k > 0: recompute every k-th block's activations in backward (train.py sets it)
+        self.loss_chunk = 0  # N > 0: with targets, the output layer and loss N tokens at a time; logits are None
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale the residual projections by 1/sqrt(number of residual layers),
         # so the residual stream's variance does not grow with depth (two residual adds per block)
@@ -265,6 +266,10 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, kv_cache)  # (B, T, C)
         if self.config.n_classes > 0:
             return self.classify(x, targets, lengths)
+        if targets is not None and self.loss_chunk:  # the loss without ever holding all logits (chunked_ce.py)
+            from chunked_ce import chunked_cross_entropy
+            w = self.lm_head.weight[:self.config.vocab_size]  # (vocab, C): padding rows are not tokens
+            return None, chunked_cross_entropy(x.reshape(-1, x.size(-1)), w, targets.reshape(-1), self.loss_chunk)
         logits = self.lm_head(x)  # (B, T, padded vocab)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., :self.config.vocab_size]  # (B, T, vocab): padding rows are not tokens

@@ -87,6 +87,7 @@ class TrainConfig:
     distill_temperature: float = 2.0  # > 1 softens both distributions (Hinton et al. 2015)
     # ---- memory (memory.py); all off by default
     grad_checkpointing: int = 0  # k > 0: recompute every k-th block's activations in backward (1: every block)
+    chunked_loss: int = 0  # N > 0: output layer + loss N tokens at a time, never all (tokens x vocab) logits
     optim_state: str = "fp32"  # AdamW moments in "fp32", "bf16" or "int8" (block-wise 8-bit; lean_optim.py)
     base_dtype: str = "fp32"  # frozen Linear weights (freeze_layers, LoRA base) in "fp32", "bf16" or "int8"
     # ---- optimizer: AdamW, decoupled weight decay on matrices only
@@ -210,6 +211,9 @@ def resolve(cfg):
     if cfg.base_dtype == "bf16" and cfg.dtype == "float32":
         raise UserError("base_dtype='bf16' needs 16-bit autocast (dtype bfloat16 or float16): use base_dtype='int8' "
                         "or another dtype")
+    if cfg.chunked_loss < 0 or (cfg.chunked_loss and (cfg.teacher or cfg.fp8_head or cfg.task != "lm")):
+        raise UserError("chunked_loss must be >= 0, for task 'lm', without teacher or fp8_head (they need the "
+                        "whole logits or their own output layer): set chunked_loss=0")
     if cfg.fp8_head and not cfg.fp8:
         raise UserError("fp8_head=True needs fp8=True")
     if cfg.fp8 and (device_type != "cuda" or cfg.dtype != "bfloat16"):

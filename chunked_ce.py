@@ -1,0 +1,58 @@
+"""The output layer and the cross-entropy loss, a chunk of tokens at a time: train.py's chunked_loss = N.
+
+The plain path computes logits = x @ W^T for every token at once: a (tokens, vocab) tensor, kept for backward,
+then its float32 log-softmax and, in backward, a gradient of the same size. With GPT-2's 50257 tokens that is
+the largest thing in memory for a small model: 12 x 1024 tokens x 50257 x 4 bytes = 2.5 GB per float32 copy.
+
+Here the tokens go through in chunks of N rows. For each chunk: its logits (N, vocab), their log-sum-exp, the
+loss of the right tokens, and at once the gradient of the loss with respect to the logits,
+    dloss/dlogits = softmax(logits) - onehot(target)      (divided by the number of counted tokens),
+which gives the chunk's share of both gradients: dx = dlogits @ W and dW += dlogits^T @ x. The logits are then
+dropped. Backward has nothing left to do but scale the two stored gradients by the incoming one. The matmuls are
+the same as the plain path's, so no work is repeated; memory for the loss goes from a few (tokens, vocab) tensors
+to a few (N, vocab) ones. Targets of -1 are ignored, as in F.cross_entropy(ignore_index=-1).
+
+When no gradient is wanted (evaluation), only the loss is computed, also chunk by chunk.
+"""
+
+import torch
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, targets, chunk):
+        """x (tokens, C), w (vocab, C), targets (tokens,) -> mean cross-entropy of softmax(x @ w.T)."""
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        counted = targets != -1  # (tokens,)
+        n = counted.sum().clamp(min=1)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if want_grad else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grad else None
+        for s in range(0, x.size(0), chunk):
+            xc, tc, kc = x[s:s + chunk], targets[s:s + chunk].clamp(min=0), counted[s:s + chunk]
+            logits = (xc @ w.t()).float()  # (chunk, vocab); under autocast the matmul runs in 16 bits
+            lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
+            total += ((lse - logits.gather(1, tc[:, None])[:, 0]) * kc).sum()
+            if want_grad:
+                d = torch.exp(logits - lse[:, None])  # softmax, (chunk, vocab)
+                d[torch.arange(len(tc), device=d.device), tc] -= 1.0
+                d *= kc[:, None]  # ignored tokens add nothing
+                grad_x[s:s + chunk] = (d @ w).to(x.dtype)  # (chunk, C)
+                grad_w += (d.t() @ xc).float()  # (vocab, C)
+        if want_grad:
+            ctx.save_for_backward(grad_x, grad_w, n)
+            ctx.w_dtype = w.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, n = ctx.saved_tensors
+        scale = grad_loss / n
+        return grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.w_dtype), None, None
+
+
+def chunked_cross_entropy(x, w, targets, chunk):
+    """Mean cross-entropy of the logits x @ w.T against targets (-1: ignored), never holding all the logits."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be at least 1")
+    return ChunkedCrossEntropy.apply(x, w, targets, chunk)
