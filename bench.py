@@ -111,8 +111,9 @@ def throughput(args):
           f"bias {args.bias}, fp8 {args.fp8}{' + head' if args.fp8_head else ''}, optimizer {args.optimizer}")
     arch = dict(rope=args.rope, norm=args.norm, qk_norm=args.qk_norm, mlp_act=args.mlp_act,
                 tie_embeddings=not args.untied)
-    if GPTConfig(**arch).modern_options():
-        print("architecture: " + ", ".join(GPTConfig(**arch).modern_options()))
+    changed = GPTConfig(**arch).modern_options() + (["untied output layer"] if args.untied else [])
+    if changed:
+        print("architecture: " + ", ".join(changed))
     train.set_attention_backend(args.attn_backend)
     print(f"{'model':28s} {'mb':>4} {'tokens/s':>12} {'ms/step':>9} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
     cfg = dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head,

@@ -59,11 +59,11 @@ class GPTConfig:
             raise ValueError(f"rope needs an even head size, got n_embd / n_head = {self.n_embd // self.n_head}")
 
     def modern_options(self):
-        """The options set away from GPT-2's architecture, e.g. ['rope', 'norm=rmsnorm']: empty for a GPT-2."""
+        """The options set away from GPT-2's architecture that Hugging Face's GPT2LMHeadModel cannot express,
+        e.g. ['rope', 'norm=rmsnorm']: empty for a GPT-2 (an untied output layer it can: tie_word_embeddings)."""
         default = GPTConfig()
         out = [f for f in ("rope", "qk_norm") if getattr(self, f)]
-        out += [f"{f}={getattr(self, f)}" for f in ("norm", "mlp_act") if getattr(self, f) != getattr(default, f)]
-        return out + ([] if self.tie_embeddings else ["tie_embeddings=False"])
+        return out + [f"{f}={getattr(self, f)}" for f in ("norm", "mlp_act") if getattr(self, f) != getattr(default, f)]
 
 
 def make_norm(config):
@@ -388,15 +388,15 @@ class GPT(nn.Module):
         hf_config = _read_hf_config(path)
         config = GPTConfig(block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"],
                            n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
-                           bias=True, **overrides)
+                           bias=True, tie_embeddings=hf_config.get("tie_word_embeddings", True), **overrides)
         model = cls(config)
         hf = _read_hf_weights(path)
         hf = {k.removeprefix("transformer."): v for k, v in hf.items()}  # GPT2LMHeadModel vs GPT2Model names
         sd = model.state_dict()
         problems = []
         for name, param in sd.items():
-            if name == "lm_head.weight" or name.startswith("cls_head."):  # tied to wte; a new head starts at init
-                continue
+            if (name == "lm_head.weight" and config.tie_embeddings) or name.startswith("cls_head."):
+                continue  # lm_head tied to wte; a new classification head starts at its init
             hf_name = name.removeprefix("transformer.")
             if hf_name not in hf:
                 problems.append(f"{hf_name} is missing")
@@ -404,7 +404,7 @@ class GPT(nn.Module):
             w = hf[hf_name]
             if hf_name.endswith(_CONV1D):  # GPT-2 stores these as Conv1D: (in, out), the transpose of nn.Linear
                 w = w.t()
-            if hf_name == "wte.weight":
+            if hf_name in ("wte.weight", "lm_head.weight"):
                 param = param[:config.vocab_size]  # the real tokens; padding rows keep their init
             if w.shape != param.shape:
                 problems.append(f"{hf_name} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
@@ -432,16 +432,16 @@ class GPT(nn.Module):
                          n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                          n_head=c.n_head, n_inner=None, activation_function="gelu_new", resid_pdrop=c.dropout,
                          embd_pdrop=c.dropout, attn_pdrop=c.dropout, layer_norm_epsilon=1e-5,
-                         initializer_range=0.02, tie_word_embeddings=True)
+                         initializer_range=0.02, tie_word_embeddings=c.tie_embeddings)
         if c.vocab_size > 50256:  # GPT-2's <|endoftext|>, where the vocabulary has it
             hf_config.update(bos_token_id=50256, eos_token_id=50256)
         (path / "config.json").write_text(json.dumps(hf_config, indent=2))
         tensors = {}
         for name, t in self.state_dict().items():
-            if name == "lm_head.weight":
+            if name == "lm_head.weight" and c.tie_embeddings:  # the same tensor as wte
                 continue
             t = t.detach().float().cpu()
-            if name == "transformer.wte.weight":
+            if name in ("transformer.wte.weight", "lm_head.weight"):
                 t = t[:c.vocab_size]  # without vocab padding
             tensors[name] = (t.t() if name.endswith(_CONV1D) else t).contiguous()
         try:

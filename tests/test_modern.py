@@ -254,3 +254,20 @@ def test_memory_estimate_counts_one_momentum_per_muon_matrix():
     mu = memory.estimate(model, train_mod.TrainConfig(device="cpu", optimizer="muon"))[0]["optimizer"]
     block_matrices = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
     assert adamw - mu == 4 * block_matrices
+
+
+def test_untied_head_round_trips_through_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32,
+                                                              vocab_size=61, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.normal_(0, 0.5)  # unlike the embedding, so a tied load would give other logits
+    hf.save_pretrained(tmp_path / "hf")
+    ours = GPT.from_pretrained(tmp_path / "hf", vocab_pad_multiple=64).eval()
+    assert not ours.config.tie_embeddings and ours.lm_head.weight is not ours.transformer.wte.weight
+    idx = torch.randint(0, 61, (2, 20))
+    torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
+    ours.save_pretrained(tmp_path / "back")
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    assert not again.config.tie_word_embeddings
+    torch.testing.assert_close(again(idx).logits, hf(idx).logits, rtol=1e-4, atol=1e-4)
