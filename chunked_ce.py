@@ -12,47 +12,56 @@ dropped. Backward has nothing left to do but scale the two stored gradients by t
 the same as the plain path's, so no work is repeated; memory for the loss goes from a few (tokens, vocab) tensors
 to a few (N, vocab) ones. Targets of -1 are ignored, as in F.cross_entropy(ignore_index=-1).
 
-When no gradient is wanted (evaluation), only the loss is computed, also chunk by chunk.
+When no gradient is wanted (evaluation, or a frozen output layer), that part is skipped. Targets of -1 are
+ignored; other negative ids are not checked here (a check would make the GPU wait). Under torch.compile the loop
+is unrolled into the graph: each sequence length compiles its own graph, and a small chunk makes a long one.
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, targets, chunk):
-        """x (tokens, C), w (vocab, C), targets (tokens,) -> mean cross-entropy of softmax(x @ w.T)."""
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, x, w, targets, chunk, grad_enabled):
+        """x (tokens, C), w (vocab, C), targets (tokens,) -> mean cross-entropy of softmax(x @ w.T).
+        grad_enabled: whether gradients are on outside (inside forward they never are)."""
+        want_x = grad_enabled and ctx.needs_input_grad[0]
+        want_w = grad_enabled and ctx.needs_input_grad[1]  # False for a frozen output layer
         counted = targets != -1  # (tokens,)
-        n = counted.sum().clamp(min=1)
+        n = counted.sum()  # no clamp: with every target ignored the loss is 0/0 = nan, as F.cross_entropy's
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if want_grad else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grad else None
+        grad_x = torch.empty_like(x) if want_x else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
         for s in range(0, x.size(0), chunk):
             xc, tc, kc = x[s:s + chunk], targets[s:s + chunk].clamp(min=0), counted[s:s + chunk]
             logits = (xc @ w.t()).float()  # (chunk, vocab); under autocast the matmul runs in 16 bits
             lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
             total += ((lse - logits.gather(1, tc[:, None])[:, 0]) * kc).sum()
-            if want_grad:
+            if want_x or want_w:
                 d = torch.exp(logits - lse[:, None])  # softmax, (chunk, vocab)
                 d[torch.arange(len(tc), device=d.device), tc] -= 1.0
                 d *= kc[:, None]  # ignored tokens add nothing
-                grad_x[s:s + chunk] = (d @ w).to(x.dtype)  # (chunk, C)
-                grad_w += (d.t() @ xc).float()  # (vocab, C)
-        if want_grad:
-            ctx.save_for_backward(grad_x, grad_w, n)
-            ctx.w_dtype = w.dtype
+                if want_x:
+                    grad_x[s:s + chunk] = (d.to(w.dtype) @ w).to(x.dtype)  # (chunk, C)
+                if want_w:
+                    grad_w += (d.to(xc.dtype).t() @ xc).float()  # (vocab, C)
+        ctx.save_for_backward(grad_x, grad_w, n)
+        ctx.w_dtype = w.dtype
         return total / n
 
     @staticmethod
+    @once_differentiable  # the stored gradients are constants: no gradient of the gradient
     def backward(ctx, grad_loss):
         grad_x, grad_w, n = ctx.saved_tensors
         scale = grad_loss / n
-        return grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.w_dtype), None, None
+        grad_x = None if grad_x is None else grad_x * scale.to(grad_x.dtype)
+        grad_w = None if grad_w is None else (grad_w * scale).to(ctx.w_dtype)
+        return grad_x, grad_w, None, None, None
 
 
 def chunked_cross_entropy(x, w, targets, chunk):
     """Mean cross-entropy of the logits x @ w.T against targets (-1: ignored), never holding all the logits."""
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be at least 1")
-    return ChunkedCrossEntropy.apply(x, w, targets, chunk)
+    return ChunkedCrossEntropy.apply(x, w, targets, chunk, torch.is_grad_enabled())

@@ -29,6 +29,14 @@ def optimizer_bytes(model, cfg):
     return 4 * muon + 8 * (sum(p.numel() for _, p in params) - muon)
 
 
+def loss_bytes(c, tokens, chunk=0):
+    """The output layer and loss: a few (tokens, vocab) tensors; chunked (chunked_ce.py), a few (chunk, vocab)
+    ones plus the two gradients it holds until backward, (vocab, C) and (tokens, C) in float32."""
+    if not chunk:
+        return 10 * c.vocab_size * tokens
+    return 10 * c.vocab_size * min(chunk, tokens) + 4 * c.n_embd * (c.vocab_size + tokens)
+
+
 def estimate(model, cfg):
     """Bytes for weights, gradients, optimizer state and activations of one micro-batch: a dict, and a log line."""
     c = model.config
@@ -50,7 +58,7 @@ def estimate(model, cfg):
     else:
         layers = c.n_layer * per_layer
     out = {"weights": weights, "gradients": 4 * trainable, "optimizer": optimizer_bytes(model, cfg),
-           "activations": tokens * layers + 10 * c.vocab_size * min(tokens, getattr(cfg, "chunked_loss", 0) or tokens)}
+           "activations": tokens * layers + loss_bytes(c, tokens, getattr(cfg, "chunked_loss", 0))}
     gib = {k: v / 2**30 for k, v in out.items()}
     line = (f"memory estimate: weights {gib['weights']:.2f} + gradients {gib['gradients']:.2f} + optimizer "
             f"{gib['optimizer']:.2f} + activations {gib['activations']:.2f} (micro-batch of {tokens:,} tokens) = "

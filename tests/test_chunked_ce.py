@@ -78,3 +78,31 @@ def test_train_run_matches_the_plain_run_and_bad_combinations_are_refused(tiny_f
     for bad in (dict(chunked_loss=-1), dict(chunked_loss=64, task="classify")):
         with pytest.raises(UserError, match="chunked_loss"):
             train_mod.resolve(train_mod.TrainConfig(device="cpu", **bad))
+
+
+def count_matmuls(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
+
+
+def test_only_the_wanted_gradients_are_computed():
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (40,))  # 6 chunks of 7
+    with torch.no_grad():  # evaluation: the logits' matmul only
+        assert count_matmuls(lambda: chunked_cross_entropy(x, w, t, 7)) == 6
+    assert count_matmuls(lambda: chunked_cross_entropy(x, w, t, 7)) == 18  # logits, grad of x, grad of w
+    frozen = w.detach()  # a frozen output layer (LoRA, freeze_embeddings): no grad of w
+    assert count_matmuls(lambda: chunked_cross_entropy(x, frozen, t, 7)) == 12
+    loss = chunked_cross_entropy(x, frozen, t, 7)
+    loss.backward()
+    ref = torch.autograd.grad(F.cross_entropy(x @ frozen.t(), t), x)[0]
+    torch.testing.assert_close(x.grad, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_every_target_ignored_gives_nan_like_the_plain_loss():
+    x, w = torch.randn(5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    t = torch.full((5,), -1)
+    assert chunked_cross_entropy(x, w, t, 2).isnan() and F.cross_entropy(x @ w.t(), t, ignore_index=-1).isnan()
