@@ -97,6 +97,52 @@ def test_fp8_training_tracks_bf16(gpu_flags, tmp_path):
     assert abs(low - plain) < 0.05 * plain
 
 
+def test_fp8_head_training_tracks_bf16(gpu_flags, tmp_path):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    flags = [f for f in gpu_flags if not f.startswith("--n_embd")] + [
+        "--n_embd=64", "--dtype=bfloat16", "--max_iters=30", "--eval_interval=30", "--vocab_pad_multiple=64"]
+    run(flags)
+    plain = metrics(tmp_path / "out")[30]["val_loss"]
+    run([f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'fp8'}" for f in flags] +
+        ["--fp8=True", "--fp8_head=True"])
+    assert abs(metrics(tmp_path / "fp8")[30]["val_loss"] - plain) < 0.05 * plain
+
+
+@pytest.mark.parametrize("extra", [["--optimizer=muon"], ["--rope=True", "--norm=rmsnorm", "--qk_norm=True",
+                                   "--mlp_act=relu2", "--tie_embeddings=False"], ["--chunked_loss=64"]],
+                         ids=["muon", "architecture", "chunked_loss"])
+def test_options_in_a_cuda_graph_match_eager(gpu_flags, tmp_path, extra):
+    """Muon (tensor learning rate), the architecture options and the chunked loss inside a captured step compute
+    what the eager step does, in bf16 with compile."""
+    common = gpu_flags + ["--dtype=bfloat16", "--compile=True"] + extra
+    run(common + [f"--out_dir={tmp_path / 'eager'}"])
+    run(common + [f"--out_dir={tmp_path / 'graph'}", "--cuda_graphs=True"])
+    a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "graph")
+    for it in (4, 8, 12):
+        assert abs(a[it]["val_loss"] - b[it]["val_loss"]) < 2e-2
+    assert b[12]["val_loss"] < b[0]["val_loss"] - 0.3
+
+
+def test_chunked_loss_matches_plain_on_cuda():
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=500, vocab_pad_multiple=64)).cuda()
+    chunked = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=500,
+                            vocab_pad_multiple=64)).cuda()
+    chunked.load_state_dict(plain.state_dict())
+    chunked.loss_chunk = 100
+    x, y = torch.randint(0, 500, (4, 64), device="cuda"), torch.randint(0, 500, (4, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        l0, l1 = plain(x, y)[1], torch.compile(chunked)(x, y)[1]
+    l0.backward()
+    l1.backward()
+    assert abs(l0.item() - l1.item()) < 1e-2
+    g0 = torch.cat([p.grad.flatten() for p in plain.parameters()])
+    g1 = torch.cat([p.grad.flatten() for p in chunked.parameters()])
+    assert torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.999
+
+
 def test_engine_cuda_graph_equals_eager():
     from inference import Engine
     from model import GPT, GPTConfig
