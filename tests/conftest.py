@@ -55,3 +55,37 @@ def trained(char_data, tmp_path_factory):
              "--progress=False", "--sample_tokens=0"]
     train_mod.train(load_config(train_mod.TrainConfig, flags))
     return out
+
+
+def perturbed_model(seed=0, **kw):
+    """A tiny GPT in eval mode with larger weights than the init, so a wrong mask or position changes the
+    generated tokens. kw: GPTConfig fields over n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=64."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=64), **kw})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.3 / p.shape[-1] ** 0.5)
+    return model
+
+
+def assert_resume_is_exact(flags, tmp_path, stop=4, steps=8, learns_below=4.0):
+    """Train `steps` steps straight into tmp_path/out, and again into tmp_path/r stopping after `stop` and
+    resuming: the final weights must be bit for bit the same (CPU, float32). Returns the second run's flags."""
+    import train as train_mod
+    from configurator import load_config
+    from model import read_checkpoint
+
+    def run(f):
+        train_mod.train(load_config(train_mod.TrainConfig, f))
+
+    run(flags + [f"--max_iters={steps}"])
+    straight = read_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert straight["best_val_loss"] < learns_below  # it learns (ln 65 = 4.17 at the start)
+    other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'r'}" for f in flags]
+    run(other + [f"--max_iters={stop}"])
+    run(other + [f"--max_iters={steps}", "--init_from=resume"])
+    resumed = read_checkpoint(tmp_path / "r" / "ckpt.pt")
+    for k, v in straight["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    return other

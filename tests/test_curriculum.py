@@ -8,7 +8,7 @@ import torch
 import curriculum
 import train as train_mod
 from configurator import load_config
-from model import read_checkpoint
+from conftest import assert_resume_is_exact
 
 
 def run(flags):
@@ -37,16 +37,7 @@ def test_easy_first_orders_windows_by_unigram_surprisal():
 
 @pytest.mark.parametrize("switch", [["--seq_warmup_iters=4", "--seq_warmup_start=8"], ["--curriculum=unigram"]])
 def test_curriculum_runs_and_resumes_exactly(tiny_flags, tmp_path, switch):
-    flags = tiny_flags + switch + ["--lr_decay_iters=8"]
-    run(flags + ["--max_iters=8"])
-    straight = read_checkpoint(tmp_path / "out" / "ckpt.pt")
-    assert straight["best_val_loss"] < 4.1
-    other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'r'}" for f in flags]
-    run(other + ["--max_iters=3"])
-    run(other + ["--max_iters=8", "--init_from=resume"])
-    resumed = read_checkpoint(tmp_path / "r" / "ckpt.pt")
-    for k, v in straight["model"].items():
-        assert torch.equal(resumed["model"][k], v), k
+    assert_resume_is_exact(tiny_flags + switch + ["--lr_decay_iters=8"], tmp_path, stop=3, learns_below=4.1)
 
 
 def test_warmup_and_curriculum_together_are_refused(tiny_flags, capsys):

@@ -10,6 +10,7 @@ import torch
 import memory
 import train as train_mod
 from configurator import load_config
+from conftest import assert_resume_is_exact
 from model import GPT, GPTConfig, read_checkpoint
 
 
@@ -46,16 +47,7 @@ def test_checkpointed_run_matches_plain_run(tiny_flags, tmp_path):
 
 @pytest.mark.parametrize("state", ["bf16", "int8"])
 def test_lean_optimizer_states_train_and_resume_exactly(tiny_flags, tmp_path, state):
-    flags = tiny_flags + [f"--optim_state={state}", "--lr_decay_iters=8"]
-    run(flags + ["--max_iters=8"])
-    straight = read_checkpoint(tmp_path / "out" / "ckpt.pt")
-    assert straight["best_val_loss"] < 4.0  # it learns (ln 65 = 4.17 at the start)
-    other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'r'}" for f in flags]
-    run(other + ["--max_iters=4"])
-    run(other + ["--max_iters=8", "--init_from=resume"])
-    resumed = read_checkpoint(tmp_path / "r" / "ckpt.pt")
-    for k, v in straight["model"].items():
-        assert torch.equal(resumed["model"][k], v), k
+    assert_resume_is_exact(tiny_flags + [f"--optim_state={state}", "--lr_decay_iters=8"], tmp_path)
 
 
 @pytest.fixture(scope="module")

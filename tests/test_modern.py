@@ -2,7 +2,6 @@
 CPU: each option changes what it should and nothing else, rotary positions are relative, cached and batched
 generation equal the plain path, train.py runs and resumes them exactly, and GPT-2 tools refuse them."""
 
-import math
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 import muon
 import train as train_mod
 from configurator import UserError, load_config
+from conftest import assert_resume_is_exact, perturbed_model
 from inference import Engine
 from model import GPT, GPTConfig, read_checkpoint, rotate
 
@@ -22,13 +22,7 @@ def run(flags):
     return train_mod.train(load_config(train_mod.TrainConfig, flags))
 
 
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=64), **kw})).eval()
-    with torch.no_grad():  # larger weights than the init, so a wrong position or mask would change the tokens
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape) * 0.3 / p.shape[-1] ** 0.5)
-    return model
+tiny = perturbed_model  # larger weights than the init, so a wrong position or mask changes the tokens
 
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
@@ -160,15 +154,7 @@ def test_muon_takes_block_matrices_only():
                          ids=["muon", "all"])
 def test_train_runs_learns_and_resumes_exactly(tiny_flags, tmp_path, flags):
     flags = tiny_flags + flags + ["--lr_decay_iters=8"]
-    run(flags + ["--max_iters=8"])
-    straight = read_checkpoint(tmp_path / "out" / "ckpt.pt")
-    assert straight["best_val_loss"] < 4.0  # it learns (ln 65 = 4.17 at the start)
-    other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'r'}" for f in flags]
-    run(other + ["--max_iters=4"])
-    run(other + ["--max_iters=8", "--init_from=resume"])
-    resumed = read_checkpoint(tmp_path / "r" / "ckpt.pt")
-    for k, v in straight["model"].items():
-        assert torch.equal(resumed["model"][k], v), k
+    other = assert_resume_is_exact(flags, tmp_path)
     # resuming without the options: one line naming the field
     plain = [f for f in other if f not in flags[len(tiny_flags):]]
     with pytest.raises(UserError, match="optimizer='muon'|rope=True"):
