@@ -121,7 +121,8 @@ def throughput(args):
     for bs in args.batch_sizes:
         torch.manual_seed(0)
         model = GPT(GPTConfig(**cfg))
-        name = "sologpt"
+        model.loss_chunk = args.chunked_loss
+        name = "sologpt" + (f" chunked_loss={args.chunked_loss}" if args.chunked_loss else "")
         if args.fp8:
             import fp8
             fp8.convert_to_fp8(model, head=args.fp8_head)
@@ -184,6 +185,7 @@ def main():
     p.add_argument("--mlp_act", default="gelu", choices=["gelu", "relu2"])
     p.add_argument("--untied", action="store_true", help="an output layer with its own weights")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--chunked_loss", type=int, default=0, help="output layer + loss this many tokens at a time")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--hf", action="store_true", help="also time transformers' GPT2LMHeadModel")
