@@ -205,6 +205,8 @@ def main():
     args = p.parse_args()
     if args.fp8_head and not args.fp8:
         p.error("--fp8_head needs --fp8")
+    if args.chunked_loss < 0 or (args.chunked_loss and args.fp8_head):
+        p.error("--chunked_loss must be >= 0, and it computes the output layer itself: not with --fp8_head")
     args.compile = not args.eager
     throughput(args)
 

@@ -1,8 +1,8 @@
-"""What chunked_loss saves: peak memory and time of a training step, plain output layer + loss against the
-chunked one (chunked_ce.py), on the CPU or a GPU.
+"""What chunked_loss saves: peak memory and time of a training step, plain against chunked (chunked_ce.py).
 
+On the CPU or a GPU:
     python bench_loss.py                                   # CPU: 2 x 128 model, GPT-2's vocabulary, 8 x 256 tokens
-    python bench_loss.py --device cuda --n_layer 12 --n_embd 768 --block_size 1024 --batch_size 12 --compile
+    python bench_loss.py --device cuda --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 12 --compile
 
 Each variant runs in its own process, so the peak (CUDA: max allocated; CPU: the process's peak RSS, which
 includes Python and torch themselves, about 0.3-0.4 GB, printed as the "no step" row) belongs to it alone.
@@ -48,7 +48,7 @@ def child(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--device", default="cpu")
     p.add_argument("--n_layer", type=int, default=2)
     p.add_argument("--n_head", type=int, default=4)
@@ -59,7 +59,7 @@ def main():
     p.add_argument("--chunks", type=int, nargs="+", default=[0, 2048, 512], help="0: the plain path")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--chunk", type=int, help=argparse.SUPPRESS)  # set in the child processes
+    p.add_argument("--child_chunk", dest="chunk", type=int, help=argparse.SUPPRESS)  # set for the child processes
     args = p.parse_args()
     if args.chunk is not None:
         return child(args)
@@ -70,7 +70,7 @@ def main():
     print(f"| {'loss path':24s} | ms/step | peak GiB | loss |")
     print("| --- | ---: | ---: | ---: |")
     for chunk in ([-1] if not args.device.startswith("cuda") else []) + args.chunks:
-        argv = [a for a in sys.argv[1:]] + [f"--chunk={chunk}"]
+        argv = [a for a in sys.argv[1:]] + [f"--child_chunk={chunk}"]
         out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
         if out.returncode:
             print(f"| chunk {chunk} | failed: {out.stderr.strip().splitlines()[-1]} |")

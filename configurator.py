@@ -23,7 +23,11 @@ class UserError(Exception):
 
 
 def load_config(cls, argv):
-    """Build a cls instance from defaults, then config files, then --key=value flags, in argv order."""
+    """Build a cls instance from defaults, then config files, then --key=value flags, in argv order.
+    -h or --help prints every field with its default and comment, then exits."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls))
+        raise SystemExit(0)
     cfg = cls()
     hints = typing.get_type_hints(cls)
     for arg in argv:
@@ -48,6 +52,17 @@ def load_config(cls, argv):
                     continue  # private helpers and imported modules are not settings
                 _set(cfg, hints, key, value, f"config file {arg}")
     return cfg
+
+
+def help_text(cls):
+    """The fields of a config dataclass as the source writes them (name, type, default, comment), section
+    comments included: the class body is the documentation."""
+    import inspect
+    lines = inspect.getsource(cls).splitlines()
+    body = [line.strip() for line in lines
+            if line.strip() and not line.strip().startswith(('"""', "@", "class "))]
+    usage = "every field below can be set in a config file or as --key=value (files first, then flags, in order)"
+    return "\n".join([f"{cls.__name__}: {usage}", *("  " + line for line in body)])
 
 
 def _parse(text):

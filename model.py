@@ -383,7 +383,8 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, **overrides):
         """Load a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin), any size.
-        overrides set other GPTConfig fields: dropout, attn_impl, vocab_pad_multiple (which adds embedding rows)."""
+        overrides set other GPTConfig fields: dropout, attn_impl, vocab_pad_multiple (which adds embedding rows);
+        not the shape or tie_embeddings, which config.json decides."""
         path = Path(path)
         hf_config = _read_hf_config(path)
         config = GPTConfig(block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"],
@@ -435,6 +436,8 @@ class GPT(nn.Module):
                          initializer_range=0.02, tie_word_embeddings=c.tie_embeddings)
         if c.vocab_size > 50256:  # GPT-2's <|endoftext|>, where the vocabulary has it
             hf_config.update(bos_token_id=50256, eos_token_id=50256)
+        else:  # a smaller vocabulary (characters) has no such token: say so, or transformers assumes 50256
+            hf_config.update(bos_token_id=None, eos_token_id=None)
         (path / "config.json").write_text(json.dumps(hf_config, indent=2))
         tensors = {}
         for name, t in self.state_dict().items():

@@ -19,7 +19,6 @@ weights through exactly the rounding that quantize_model later applies.
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """train.py's compression switches on tiny CPU runs: quantization-aware training (same checkpoint keys, the
 exported int4 model computes what training saw) and distillation from a teacher (and its errors)."""
 
-import json
 
 import pytest
 import torch

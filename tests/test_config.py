@@ -1,5 +1,6 @@
 """The config loader: defaults < files < flags, types, and the errors for mistakes."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -67,3 +68,14 @@ def test_shipped_config_files_load():
     from conftest import REPO
     for path in sorted((REPO / "config").glob("*.py")):
         load_config(train.TrainConfig, [str(path)])
+
+
+def test_help_lists_every_field_with_default_and_comment(capsys):
+    import train as train_mod
+    with pytest.raises(SystemExit) as e:
+        train_mod.main(["config/small.py", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for field in dataclasses.fields(train_mod.TrainConfig):
+        assert f"\n  {field.name}: " in out, field.name
+    assert 'learning_rate: float = 6e-4  # peak learning rate' in out

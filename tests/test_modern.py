@@ -1,7 +1,7 @@
 """The modern architecture options (rope, rmsnorm, qk_norm, relu2, untied head) and the Muon optimizer, on the
 CPU: each option changes what it should and nothing else, rotary positions are relative, cached and batched
-generation equal the plain path, train.py runs and resumes them exactly, and GPT-2 tools refuse them."""
-
+generation equal the plain path, train.py runs and resumes them exactly, GPT-2 tools refuse all but the untied
+head, and the untied head round-trips through transformers."""
 
 import pytest
 import torch
