@@ -31,14 +31,15 @@ def make_parser(description, default_name):
     p.add_argument("--name", default=default_name,
                    help="output folder under --data_root (default: %(default)s)")
     p.add_argument("--data_root", default="data", metavar="DIR", help="default: %(default)s")
-    p.add_argument("--val_fraction", type=_fraction, default=0.1,
+    p.add_argument("--val_fraction", type=fraction_arg, default=0.1,
                    help="share of the text that goes to val.bin (default: %(default)s)")
     p.add_argument("--chunk_bytes", type=_positive_int, default=1 << 20,
                    help="bytes read at a time; bounds memory use (default: %(default)s)")
     return p
 
 
-def _fraction(s):
+def fraction_arg(s):
+    """argparse type for --val_fraction: a float strictly between 0 and 1."""
     x = float(s)
     if not 0.0 < x < 1.0:  # train.py needs both a train.bin and a val.bin
         raise argparse.ArgumentTypeError(f"{s} is not strictly between 0 and 1")

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 import tokenizer
 from prepare.clean import CLEAN_RULES, FILTERS, WORD, Limits, clean, quality_problem
-from prepare.common import (PrepareError, TokenWriter, decode_text, find_inputs, ordered_map, publish_splits,
-                            token_dtype)
+from prepare.common import (PrepareError, TokenWriter, decode_text, find_inputs, fraction_arg, ordered_map,
+                            publish_splits, token_dtype)
 from prepare.dedup import NearDuplicates, char_shingles, exact_key, minhash, minhash_params, word_shingles
 
 CHAR_EOT = "\x03"  # ASCII "end of text" separates documents at char level; removed from the text itself
@@ -337,13 +337,6 @@ def _ratio(s):
     return x
 
 
-def _fraction(s):
-    x = _ratio(s)
-    if x in (0.0, 1.0):  # train.py needs both a train.bin and a val.bin
-        raise argparse.ArgumentTypeError(f"{s} is not strictly between 0 and 1")
-    return x
-
-
 def _count(s):
     n = int(s)
     if n < 0:
@@ -361,7 +354,7 @@ def parse_args(argv):
     p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"], help="default: %(default)s")
     p.add_argument("--extra_tokens", metavar="FILE", help="domain terms, one a line, each a new whole token")
     p.add_argument("--text_field", default="text", help="JSONL field with the text (default: %(default)s)")
-    p.add_argument("--val_fraction", type=_fraction, default=0.1, help="documents' share in val (default: %(default)s)")
+    p.add_argument("--val_fraction", type=fraction_arg, default=0.1, help="documents' share in val (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1337, help="seeds the train/val split (default: %(default)s)")
     p.add_argument("--strict", action="store_true", help="stop at a bad file or line instead of skipping it")
     p.add_argument("--non_utf8", default="cp1252", choices=["cp1252", "replace", "skip"],
