@@ -54,6 +54,17 @@ def load_config(cls, argv):
     return cfg
 
 
+def run_cli(fn, cls, argv=None):
+    """A script's main(): fn(load_config(cls, argv)), argv defaulting to the command line; a UserError prints
+    one line, "error: ...", and exits with status 1."""
+    import sys
+    try:
+        return fn(load_config(cls, sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def help_text(cls):
     """The fields of a config dataclass as the source writes them (name, type, default, comment), section
     comments included: the class body is the documentation."""

@@ -5,12 +5,11 @@ adapters merged into the weights.
     python export.py --out_dir=out-lora --merged_ckpt=merged.pt # adapters folded in: a full model, no base needed
 """
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import finetune
-from configurator import UserError, load_config
+from configurator import UserError, run_cli
 from model import CKPT_FORMAT_VERSION, read_checkpoint, save_checkpoint
 
 
@@ -47,11 +46,7 @@ def export(cfg):
 
 
 def main(argv=None):
-    try:
-        export(load_config(ExportConfig, sys.argv[1:] if argv is None else argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(export, ExportConfig, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import tokenizer as tok
-from configurator import UserError, autocast_context, load_config, resolve_auto_bool, resolve_device
+from configurator import UserError, autocast_context, resolve_auto_bool, resolve_device, run_cli
 import finetune
 from model import read_checkpoint
 
@@ -214,11 +214,7 @@ def classify_lines(cfg, model, enc, ctx):
 
 
 def main(argv=None):
-    try:
-        sample(load_config(SampleConfig, sys.argv[1:] if argv is None else argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(sample, SampleConfig, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ token, the numbers of models with different tokenizers can be compared.
 
 import itertools
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 import finetune
 import tokenizer as tok
-from configurator import UserError, autocast_context, load_config, resolve_device
+from configurator import UserError, autocast_context, resolve_device, run_cli
 from model import GPT, read_checkpoint
 
 
@@ -180,11 +179,7 @@ def score(cfg):
 
 
 def main(argv=None):
-    try:
-        score(load_config(ScoreConfig, sys.argv[1:] if argv is None else argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(score, ScoreConfig, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import UserError, autocast_context, load_config, print_config
+from configurator import UserError, autocast_context, print_config, run_cli
 from model import CKPT_FORMAT_VERSION, read_checkpoint, save_checkpoint  # atomic: temp file, fsync, rename
 from train_checks import resolve  # every value checked up front, one line per bad one
 import curriculum
@@ -605,12 +605,7 @@ def train(cfg):
 
 
 def main(argv=None):
-    try:
-        cfg = load_config(TrainConfig, sys.argv[1:] if argv is None else argv)
-        train(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(train, TrainConfig, argv)
 
 
 if __name__ == "__main__":
