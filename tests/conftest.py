@@ -57,6 +57,22 @@ def trained(char_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def gpt2_setup(tmp_path_factory):
+    """A tiny random GPT-2 directory (transformers' own format) and a BPE dataset of tiny-shakespeare."""
+    transformers = pytest.importorskip("transformers")
+    from prepare.shakespeare import write_dataset
+    root = tmp_path_factory.mktemp("ft")
+    text = root / "input.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    write_dataset(text, root / "data" / "bpe")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                                                              vocab_size=50257))
+    hf.save_pretrained(root / "gpt2")
+    return root
+
+
 def perturbed_model(seed=0, **kw):
     """A tiny GPT in eval mode with larger weights than the init, so a wrong mask or position changes the
     generated tokens. kw: GPTConfig fields over n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=64."""

@@ -33,22 +33,6 @@ def error_of(main, argv, capsys):
     return err
 
 
-@pytest.fixture(scope="module")
-def gpt2_setup(tmp_path_factory):
-    """A tiny random GPT-2 directory (transformers' own format) and a BPE dataset of tiny-shakespeare."""
-    transformers = pytest.importorskip("transformers")
-    from prepare.shakespeare import write_dataset
-    root = tmp_path_factory.mktemp("ft")
-    text = root / "input.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
-    write_dataset(text, root / "data" / "bpe")
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
-                                                              vocab_size=50257))
-    hf.save_pretrained(root / "gpt2")
-    return root
-
-
 def bpe_flags(root, out, *extra, init=None):
     init = init or root / "gpt2"
     return [f"--data_root={root / 'data'}", "--dataset=bpe", f"--out_dir={out}", "--device=cpu", "--block_size=32",

@@ -247,27 +247,20 @@ def test_corrupt_checkpoint_and_no_overwrite(tiny_flags, tmp_path, capsys):
     assert "corrupt or truncated" in run_main_error(tiny_flags + ["--init_from=resume"], capsys)
 
 
-def test_finetune_from_gpt2_directory_then_resume(tmp_path, capsys):
+def test_finetune_from_gpt2_directory_then_resume(gpt2_setup, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from conftest import SHAKESPEARE
-    from prepare.shakespeare import write_dataset
-    text = tmp_path / "input.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
-    write_dataset(text, tmp_path / "data" / "bpe")
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
-                                                              vocab_size=50257))
-    hf.save_pretrained(tmp_path / "gpt2")
-    flags = [f"--data_root={tmp_path / 'data'}", "--dataset=bpe", f"--out_dir={tmp_path / 'out'}", "--device=cpu",
+    root = gpt2_setup  # root/gpt2: a tiny random GPT-2 directory; root/data/bpe: tiny-shakespeare in GPT-2 BPE
+    hf = transformers.GPT2LMHeadModel.from_pretrained(root / "gpt2")
+    flags = [f"--data_root={root / 'data'}", "--dataset=bpe", f"--out_dir={tmp_path / 'out'}", "--device=cpu",
              "--block_size=32", "--batch_size=4", "--eval_interval=2", "--eval_iters=2", "--progress=False",
              "--sample_tokens=5", "--learning_rate=1e-3", "--warmup_iters=0", "--lr_decay_iters=6"]
-    run(flags + [f"--init_from={tmp_path / 'gpt2'}", "--max_iters=4"])
+    run(flags + [f"--init_from={root / 'gpt2'}", "--max_iters=4"])
     ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["model_config"]["n_embd"] == 32 and ckpt["model_config"]["block_size"] == 32  # cropped from 64
-    assert ckpt["init_source"] == str(tmp_path / "gpt2")
+    assert ckpt["init_source"] == str(root / "gpt2")
     # the step-0 evaluation scored the GPT-2 weights themselves: recompute it with transformers
     first = metrics(tmp_path / "out")[0]
-    val = np.memmap(tmp_path / "data" / "bpe" / "val.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(root / "data" / "bpe" / "val.bin", dtype=np.uint16, mode="r")
     gen = torch.Generator().manual_seed(1337 + 2)  # estimate_loss's generator for the val split
     hf.eval()
     with torch.no_grad():
@@ -281,7 +274,7 @@ def test_finetune_from_gpt2_directory_then_resume(tmp_path, capsys):
     run(flags + ["--init_from=resume", "--max_iters=6"])
     assert read_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 6
     # a longer context than the weights have, and a start point that does not exist: refused
-    err = run_main_error([f"--init_from={tmp_path / 'gpt2'}", f"--data_root={tmp_path / 'data'}", "--dataset=bpe",
+    err = run_main_error([f"--init_from={root / 'gpt2'}", f"--data_root={root / 'data'}", "--dataset=bpe",
                           f"--out_dir={tmp_path / 'o2'}", "--block_size=128", "--device=cpu"], capsys)
     assert "block_size=128 is longer than the 64 positions" in err
     assert "is not 'scratch', 'resume', a Hugging Face GPT-2 directory" in run_main_error(["--init_from=scratc"], capsys)
