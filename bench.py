@@ -54,7 +54,7 @@ def bench_model(name, model, flops_per_token, args, batch_size, hf=False):
     graphs = args.cuda_graphs and not hf
     # fused AdamW, as train.py makes it (capturable: it reads the step count and lr from GPU memory in a graph)
     opt = train.make_optimizer(model, train.TrainConfig(cuda_graphs=graphs, optimizer=args.optimizer), "cuda")
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
     graphed = None
     if graphs:  # the whole step (forward, backward, clip, AdamW) replayed as one CUDA graph, as train.py does
         from cuda_graph import GraphedStep
@@ -107,7 +107,8 @@ def throughput(args):
     args.peak = train.peak_flops("cuda") or measured_matmul_peak("cuda")
     print(f"{name}, torch {torch.__version__}, peak {args.peak / 1e12:.0f} TFLOP/s (bf16 dense), "
           f"block {args.block_size}, vocab {args.vocab_size} (pad multiple {args.vocab_pad_multiple}), "
-          f"compile {args.compile}, cuda_graphs {args.cuda_graphs}, attn_backend {args.attn_backend}, "
+          f"compile {args.compile}{'' if args.compile_mode == 'default' else ' ' + args.compile_mode}, "
+          f"cuda_graphs {args.cuda_graphs}, attn_backend {args.attn_backend}, "
           f"bias {args.bias}, fp8 {args.fp8}{' + head' if args.fp8_head else ''}, optimizer {args.optimizer}")
     arch = dict(rope=args.rope, norm=args.norm, qk_norm=args.qk_norm, mlp_act=args.mlp_act,
                 tie_embeddings=not args.untied)
@@ -173,6 +174,8 @@ def main():
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--eager", action="store_true", help="skip torch.compile")
+    p.add_argument("--compile_mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode; max-autotune tries Triton matmul kernels, minutes to compile (train.py: default)")
     p.add_argument("--attn_backend", default="auto")
     p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (fp8.py), Hopper-class GPUs")
     p.add_argument("--fp8_head", action="store_true", help="with --fp8: the output layer in fp8 too")
