@@ -25,44 +25,76 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan et al. 2024: a quintic tha
 def orthogonalize(m, steps=5, eps=1e-7):
     """The nearest orthogonal matrix U V^T to m = U S V^T, approximately: Newton-Schulz iterations of the odd
     polynomial X <- aX + b(XX^T)X + c(XX^T)^2 X, which drive every singular value of X towards 1 (to about
-    0.7-1.2, which is enough) without an SVD. bfloat16 on a GPU, float32 elsewhere."""
+    0.7-1.2, which is enough) without an SVD. bfloat16 on a GPU, float32 elsewhere. m is one matrix (rows, cols)
+    or a stack of them (k, rows, cols), each done on its own in one batched matmul per product."""
     a, b, c = NS_COEFFICIENTS
     x = m.to(torch.bfloat16 if m.is_cuda else torch.float32)
-    tall = x.size(0) > x.size(1)
+    x = x if x.dim() == 3 else x[None]  # (k, rows, cols)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation: X X^T is then the smaller square
-        x = x.t()
-    x = x / (x.norm() + eps)  # singular values <= 1, where the iteration converges
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # singular values <= 1, where the iteration converges
     for _ in range(steps):
-        g = x @ x.t()
-        x = a * x + (b * g + c * g @ g) @ x
-    return (x.t() if tall else x).to(m.dtype)
+        g = x @ x.mT  # (k, rows, rows)
+        p = torch.baddbmm(g, g, g, beta=b, alpha=c)  # b G + c G G, the scaling folded into the matmul
+        x = torch.baddbmm(x, p, x, beta=a)  # a X + (b G + c G G) X
+    x = x.mT if tall else x
+    return (x if m.dim() == 3 else x[0]).to(m.dtype)
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D weights: Nesterov momentum, orthogonalised, scaled to AdamW's update RMS, decoupled decay."""
+    """Muon for 2-D weights: Nesterov momentum, orthogonalised, scaled to AdamW's update RMS, decoupled decay.
 
-    def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, ns_steps=5):
+    splits maps a weight to the number of equal row blocks it holds, each orthogonalised on its own: GPT-2's
+    fused attn.c_attn is q, k and v stacked (3 x n_embd rows), three matrices that act on their own, so it is
+    done as three (as modded-nanogpt does), not as one 2304 x 768 matrix whose blocks would share one spectrum.
+    For speed, every matrix of one shape goes through the Newton-Schulz iterations together (a stack, batched
+    matmuls): at GPT-2 124M that is 2 stacks (48 of 768 x 768, 24 of 768 x 3072 after turning the tall ones)
+    instead of 48 separate small iterations, several times fewer kernels."""
+
+    def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, ns_steps=5, splits=None):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+        self.splits = splits or {}  # structure, not state: rebuilt with the model, so not in state_dict
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
                     raise ValueError(f"Muon takes 2-D weights only, got a tensor of shape {tuple(p.shape)}")
+                if p.size(0) % self.splits.get(p, 1):
+                    raise ValueError(f"a weight of shape {tuple(p.shape)} does not split into "
+                                     f"{self.splits[p]} equal row blocks")
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            lr, mu = group["lr"], group["momentum"]  # lr may be a 0-d tensor (CUDA graphs)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(mu).add_(p.grad)  # B = mu B + g
-                update = orthogonalize(p.grad + mu * buf, group["ns_steps"])  # Nesterov: look one step ahead
-                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, as AdamW
-                p.sub_(update * (0.2 * max(p.shape) ** 0.5 * lr))  # RMS of an AdamW update (Liu et al. 2025)
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]  # lr may be a 0-d tensor (graphs)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)  # B = mu B + g
+            ahead = torch._foreach_add(grads, bufs, alpha=mu)  # Nesterov: look one step ahead, g + mu B
+            # each weight as a stack of wide matrices (k, rows, cols), rows <= cols; equal shapes go together
+            stacks = {}
+            for i, (p, m) in enumerate(zip(params, ahead)):
+                k = self.splits.get(p, 1)
+                mats = m.view(k, p.size(0) // k, p.size(1))  # (k, rows, cols)
+                tall = mats.size(1) > mats.size(2)
+                stacks.setdefault(tuple((mats.mT if tall else mats).shape[1:]), []).append((i, k, tall, mats))
+            updates = [None] * len(params)
+            for (rows, cols), items in stacks.items():
+                wide = torch.cat([mats.mT if tall else mats for _, _, tall, mats in items])  # (sum of k, rows, cols)
+                # RMS of an AdamW update (Liu et al. 2025): an orthogonal matrix has RMS 1 / sqrt(max(rows, cols))
+                ortho = orthogonalize(wide, group["ns_steps"]) * (0.2 * max(rows, cols) ** 0.5 * lr)
+                for (i, k, tall, _), o in zip(items, ortho.split([k for _, k, _, _ in items])):
+                    updates[i] = (o.mT if tall else o).reshape(params[i].shape)  # (k, r, c) -> the weight's shape
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, as AdamW
+            torch._foreach_sub_(params, updates)
 
 
 class MuonWithAdamW:
@@ -74,7 +106,9 @@ class MuonWithAdamW:
         if not matrices:
             raise ValueError("optimizer='muon' found no trainable weight matrices in the blocks (all frozen?): "
                              "use optimizer='adamw'")
-        self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        # GPT-2's fused q, k, v projection: three matrices for Muon (see Muon's docstring)
+        splits = {p: 3 for n, p in params if n.endswith(".attn.c_attn.weight") and p.size(0) == 3 * p.size(1)}
+        self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, splits=splits)
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},  # embeddings
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # biases, norm gains
         self.adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, capturable=capturable)

@@ -138,6 +138,38 @@ def test_muon_step_matches_torch_optim_muon():
     assert d_ours.norm().item() == pytest.approx(d_ref.norm().item(), rel=0.03)
 
 
+def test_orthogonalize_does_each_matrix_of_a_stack_on_its_own():
+    torch.manual_seed(0)
+    stack = torch.randn(3, 16, 40)
+    batched = muon.orthogonalize(stack)
+    for k in range(3):
+        torch.testing.assert_close(batched[k], muon.orthogonalize(stack[k]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(muon.orthogonalize(stack.mT), batched.mT, rtol=1e-5, atol=1e-5)  # tall stacks too
+
+
+def test_muon_split_weight_steps_like_its_blocks_as_separate_weights():
+    """A (3n, n) weight with splits=3 (GPT-2's fused q, k, v) moves exactly as three (n, n) weights would; and
+    weights of different shapes in one group (batched by shape) each move as they would alone."""
+    torch.manual_seed(0)
+    fused, other = torch.randn(24, 8), torch.randn(8, 20)
+    a = [torch.nn.Parameter(fused.clone()), torch.nn.Parameter(other.clone())]
+    b = [torch.nn.Parameter(block.clone()) for block in fused.split(8)] + [torch.nn.Parameter(other.clone())]
+    opt_a = muon.Muon(a, lr=0.02, weight_decay=0.1, splits={a[0]: 3})
+    opt_b = muon.Muon(b, lr=0.02, weight_decay=0.1)
+    for step in range(3):
+        g, g_other = torch.randn(24, 8), torch.randn(8, 20)
+        a[0].grad, a[1].grad = g.clone(), g_other.clone()
+        for p, block in zip(b, [*g.split(8), g_other]):
+            p.grad = block.clone()
+        opt_a.step()
+        opt_b.step()
+    torch.testing.assert_close(a[0].data, torch.cat([p.data for p in b[:3]]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a[1].data, b[3].data, rtol=1e-5, atol=1e-6)
+    p = torch.nn.Parameter(torch.zeros(10, 4))
+    with pytest.raises(ValueError, match="equal row blocks"):
+        muon.Muon([p], splits={p: 3})
+
+
 def test_muon_takes_block_matrices_only():
     model = tiny()
     opt = muon.MuonWithAdamW(model, 1e-3, 0.1, (0.9, 0.95))
@@ -145,6 +177,8 @@ def test_muon_takes_block_matrices_only():
     for name, p in model.named_parameters():
         assert (id(p) in in_muon) == (name.startswith("transformer.h.") and p.dim() == 2), name
     assert len(opt.param_groups) == 3  # one Muon group, AdamW's decayed and undecayed groups
+    split = [n for n, p in model.named_parameters() if opt.muon.splits.get(p) == 3]
+    assert split == [f"transformer.h.{i}.attn.c_attn.weight" for i in range(model.config.n_layer)]  # q, k, v apart
     with pytest.raises(ValueError, match="2-D weights only"):
         muon.Muon([torch.nn.Parameter(torch.zeros(3))])
 
