@@ -227,6 +227,9 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
             raise ValueError(f"qat: {e}")
     memory.lower_frozen_weights(model, cfg.base_dtype)  # before loading: a checkpoint holds them lowered already
     model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.chunked_loss and type(model.lm_head) is not nn.Linear:  # e.g. qat's fake-quantized untied head
+        raise ValueError("chunked_loss computes the output layer from its float weight, but qat fake-quantizes "
+                         "the untied output layer: set chunked_loss=0")
     model.loss_chunk = cfg.chunked_loss
     if ckpt is not None:
         model.load_state_dict(ckpt["model"], strict="adapter" not in ckpt)

@@ -8,10 +8,11 @@ layer at a time (dequantize, then an ordinary matmul), so this saves memory (che
 a fused low-bit kernel would be faster, and much less readable.
 
 What is quantized: every nn.Linear inside model.transformer.h (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj),
-which hold almost all the weights of a GPT. The token embedding stays float: lm_head is tied to it (one tensor is
-both the input embedding and the output matmul), so quantizing lm_head would either untie the two, storing the
-matrix twice, or force the embedding lookup through dequantization too. Position embeddings, LayerNorms and biases
-stay float as well (they are tiny).
+which hold most of the weights of a GPT, and an untied output layer (tie_embeddings=False: lm_head has its own
+matrix, at GPT-2 124M shape a third of all the weights; --keep_head leaves it float). The token embedding stays
+float, and so does a tied lm_head (one tensor is both the input embedding and the output matmul), since quantizing
+it would either untie the two, storing the matrix twice, or force the embedding lookup through dequantization too.
+Position embeddings, LayerNorms and biases stay float as well (they are tiny).
 
 Also here: fake quantization for quantization-aware training (enable_qat / disable_qat), which trains the float
 weights through exactly the rounding that quantize_model later applies.
@@ -167,18 +168,22 @@ def check_group_size(in_features, group_size, where="a layer"):
 
 def _checked_targets(model, mode, group_size, skip):
     """(parent module, attribute, Linear) for each nn.Linear inside model.transformer.h that skip does not name,
-    after checking mode and group size for all of them, so an error leaves the model as it was.
-    A skip entry matches a full name or its ending, e.g. "attn.c_proj" or "h.0.mlp.c_fc"."""
+    and for lm_head when it is untied and not skipped, after checking mode and group size for all of them, so an
+    error leaves the model as it was. A skip entry matches a full name or its ending, e.g. "attn.c_proj",
+    "h.0.mlp.c_fc" or "lm_head"."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown: use 'int8' or 'int4'")
+    candidates = [(f"{parent_name}.{attr}", parent, attr, child)
+                  for parent_name, parent in model.transformer.h.named_modules(prefix="transformer.h")
+                  for attr, child in parent.named_children()]
+    if model.lm_head.weight is not model.transformer.wte.weight:  # untied: its own matrix (tied: it is wte)
+        candidates.append(("lm_head", model, "lm_head", model.lm_head))
     found = []
-    for parent_name, parent in model.transformer.h.named_modules(prefix="transformer.h"):
-        for attr, child in parent.named_children():
-            name = f"{parent_name}.{attr}"
-            if isinstance(child, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
-                if mode == "int4":
-                    check_group_size(child.in_features, group_size, name)
-                found.append((parent, attr, child))
+    for name, parent, attr, child in candidates:
+        if isinstance(child, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
+            if mode == "int4":
+                check_group_size(child.in_features, group_size, name)
+            found.append((parent, attr, child))
     return found
 
 
@@ -192,11 +197,11 @@ def quantization_mode(model):
     return None
 
 
-def quantize_model(model, mode, group_size=128, skip=("lm_head",)):
-    """Replace the Linear layers in model.transformer.h by Int8Linear or Int4Linear, in place; return model.
-    group_size is used by int4 only. lm_head is never touched (it lives outside transformer.h and is tied to the
-    float embedding); skip may name more layers to leave in float. A model under QAT is quantized from its float
-    weights, which gives exactly the values its fake quantization trained with."""
+def quantize_model(model, mode, group_size=128, skip=()):
+    """Replace the Linear layers in model.transformer.h, and an untied lm_head, by Int8Linear or Int4Linear, in
+    place; return model. group_size is used by int4 only. A tied lm_head is never touched (it is the float
+    embedding); skip may name layers to leave in float ("lm_head" keeps an untied one float). A model under QAT
+    is quantized from its float weights, which gives exactly the values its fake quantization trained with."""
     if quantization_mode(model) is not None:
         raise ValueError(f"the model is already quantized ({quantization_mode(model)}): start from a float model")
     for parent, attr, linear in _checked_targets(model, mode, group_size, skip):
@@ -212,7 +217,7 @@ def quantize_model(model, mode, group_size=128, skip=("lm_head",)):
 RESUME_ONLY_KEYS = ("optimizer", "scaler", "rng")  # training state: a quantized model is not trained further
 
 
-def quantized_checkpoint(ckpt, mode, group_size=128, skip=("lm_head",)):
+def quantized_checkpoint(ckpt, mode, group_size=128, skip=()):
     """A float sologpt checkpoint dict -> the quantized one: the same layout (format_version, model_config, model,
     train_config, ...) without the optimizer state, plus "quantization": {"mode", "group_size", "skip"}.
     Tensors and plain values only, so torch.load(weights_only=True) reads it."""
@@ -239,6 +244,7 @@ def load_quantized_model(ckpt):
         raise ValueError("the checkpoint is not quantized: load it with GPT.from_checkpoint")
     info = ckpt["quantization"]
     model = GPT(GPTConfig(**ckpt["model_config"]))
+    # files from before untied heads were quantized say skip=["lm_head"], so they rebuild as they were written
     quantize_model(model, info["mode"], info["group_size"] or 128, tuple(info.get("skip", ("lm_head",))))
     model.load_state_dict(ckpt["model"])
     return model
@@ -302,7 +308,7 @@ class QATLinear(nn.Linear):
         return super().extra_repr() + f", mode={self.mode}, group_size={self.group_size}"
 
 
-def enable_qat(model, mode, group_size=128, skip=("lm_head",)):
+def enable_qat(model, mode, group_size=128, skip=()):
     """Make the Linear layers that quantize_model would replace train through fake quantization, in place.
     Calling it again changes the mode. Return model."""
     if quantization_mode(model) is not None:
@@ -341,6 +347,8 @@ def run(argv):
     parser.add_argument("--group_size", type=int, default=128,
                         help="int4: inputs that share one scale and zero (default 128); int8 ignores it")
     parser.add_argument("--out", help="output file (default: ckpt_int8.pt / ckpt_int4.pt beside --ckpt)")
+    parser.add_argument("--keep_head", action="store_true",
+                        help="leave an untied output layer (tie_embeddings=False) in float; a tied one always is")
     args = parser.parse_args(argv)
     src = Path(args.ckpt)
     dst = Path(args.out) if args.out else src.with_name(f"{src.stem}_{args.mode}.pt")
@@ -353,7 +361,7 @@ def run(argv):
         if is_quantized(ckpt):
             raise ValueError(f"{src} is already quantized ({ckpt['quantization']['mode']}): "
                              f"quantize the float checkpoint it came from")
-        qckpt = quantized_checkpoint(ckpt, args.mode, args.group_size)
+        qckpt = quantized_checkpoint(ckpt, args.mode, args.group_size, ("lm_head",) if args.keep_head else ())
     except ValueError as e:
         raise UserError(str(e))
     save_atomic(qckpt, dst)

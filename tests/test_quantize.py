@@ -146,6 +146,43 @@ def test_quantize_model_refusals_and_skip():
         q.quantize_model(model, "int4")
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_an_untied_output_layer_is_quantized_a_tied_one_is_not(mode):
+    tied = q.quantize_model(tiny_gpt(), mode, group_size=32)
+    assert type(tied.lm_head) is nn.Linear and tied.lm_head.weight is tied.transformer.wte.weight
+    model = tiny_gpt(tie_embeddings=False)
+    ref, _ = model(tokens())
+    qmodel = q.quantize_model(tiny_gpt(tie_embeddings=False), mode, group_size=32)
+    assert type(qmodel.lm_head) is (q.Int8Linear if mode == "int8" else q.Int4Linear)
+    assert type(qmodel.transformer.wte) is nn.Embedding  # the input embedding stays float
+    logits, _ = qmodel(tokens())
+    assert rel_err(logits, ref) < (0.02 if mode == "int8" else 0.2)  # the rounding, not another function
+    head_only = q.quantize_model(tiny_gpt(tie_embeddings=False), mode, group_size=32, skip=("c_attn", "c_proj", "c_fc"))
+    assert type(head_only.lm_head) is not nn.Linear and type(head_only.transformer.h[0].mlp.c_fc) is nn.Linear
+    kept = q.quantize_model(tiny_gpt(tie_embeddings=False), mode, group_size=32, skip=("lm_head",))
+    assert type(kept.lm_head) is nn.Linear
+    assert kept.generate(tokens()[:, :4], 3, temperature=0).shape == (2, 7)  # cached generation runs on it
+    assert qmodel.generate(tokens()[:, :4], 3, temperature=0).shape == (2, 7)
+
+
+def test_untied_head_checkpoints_old_and_new(tmp_path):
+    """A new file quantizes the untied head and rebuilds it; a file written before heads were quantized (its
+    skip says lm_head) still rebuilds with a float head; QAT fake-quantizes the head that quantize_model rounds."""
+    model = tiny_gpt(tie_embeddings=False)
+    qckpt = q.quantized_checkpoint(float_ckpt(model), "int8")
+    assert qckpt["quantization"]["skip"] == [] and "lm_head.scale" in qckpt["model"]
+    torch.save(qckpt, tmp_path / "q.pt")
+    loaded = q.load_quantized_model(torch.load(tmp_path / "q.pt", weights_only=True)).eval()
+    assert torch.equal(loaded(tokens())[0], q.quantize_model(tiny_gpt(tie_embeddings=False), "int8")(tokens())[0])
+    old = q.quantized_checkpoint(float_ckpt(model), "int8", skip=("lm_head",))
+    assert type(q.load_quantized_model(old).lm_head) is nn.Linear
+    saved = q.state_dict_bytes(old["model"]) - q.state_dict_bytes(qckpt["model"])
+    assert saved == 64 * 64 * (4 - 1) - 64 * 4  # the head's float32 weight -> int8 plus one float32 scale per row
+    qat = q.enable_qat(tiny_gpt(tie_embeddings=False), "int8")
+    assert type(qat.lm_head) is q.QATLinear
+    torch.testing.assert_close(qat(tokens())[0], loaded(tokens())[0], rtol=1e-6, atol=1e-6)
+
+
 # ---- checkpoints -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
