@@ -59,9 +59,13 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.dim() != 2:
                     raise ValueError(f"Muon takes 2-D weights only, got a tensor of shape {tuple(p.shape)}")
-                if p.size(0) % self.splits.get(p, 1):
+                k = self.splits.get(p, 1)
+                if not isinstance(k, int) or k < 1 or p.size(0) % k:
                     raise ValueError(f"a weight of shape {tuple(p.shape)} does not split into "
                                      f"{self.splits[p]} equal row blocks")
+
+    def __getstate__(self):  # torch.optim.Optimizer pickles only defaults, state and param_groups
+        return {**super().__getstate__(), "splits": self.splits}
 
     @torch.no_grad()
     def step(self):

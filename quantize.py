@@ -9,7 +9,7 @@ a fused low-bit kernel would be faster, and much less readable.
 
 What is quantized: every nn.Linear inside model.transformer.h (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj),
 which hold most of the weights of a GPT, and an untied output layer (tie_embeddings=False: lm_head has its own
-matrix, at GPT-2 124M shape a third of all the weights; --keep_head leaves it float). The token embedding stays
+matrix, at GPT-2 124M shape about a quarter of all the weights; --keep_head leaves it float). The token embedding stays
 float, and so does a tied lm_head (one tensor is both the input embedding and the output matmul), since quantizing
 it would either untie the two, storing the matrix twice, or force the embedding lookup through dequantization too.
 Position embeddings, LayerNorms and biases stay float as well (they are tiny).
@@ -229,7 +229,9 @@ def quantized_checkpoint(ckpt, mode, group_size=128, skip=()):
     out = {k: v for k, v in ckpt.items() if k not in RESUME_ONLY_KEYS and k != "adapter"}
     out["model_config"] = model.config_dict()
     out["model"] = model.state_dict()
-    out["quantization"] = {"mode": mode, "group_size": group_size if mode == "int4" else None, "skip": list(skip)}
+    # "head": True marks files from the version that quantizes an untied lm_head (unless skip names it)
+    out["quantization"] = {"mode": mode, "group_size": group_size if mode == "int4" else None, "skip": list(skip),
+                           "head": True}
     return out
 
 
@@ -244,8 +246,10 @@ def load_quantized_model(ckpt):
         raise ValueError("the checkpoint is not quantized: load it with GPT.from_checkpoint")
     info = ckpt["quantization"]
     model = GPT(GPTConfig(**ckpt["model_config"]))
-    # files from before untied heads were quantized say skip=["lm_head"], so they rebuild as they were written
-    quantize_model(model, info["mode"], info["group_size"] or 128, tuple(info.get("skip", ("lm_head",))))
+    skip = tuple(info.get("skip", ()))
+    if not info.get("head"):  # written before untied heads were quantized: the head stayed float
+        skip += ("lm_head",)
+    quantize_model(model, info["mode"], info["group_size"] or 128, skip)
     model.load_state_dict(ckpt["model"])
     return model
 
@@ -367,6 +371,9 @@ def run(argv):
     save_atomic(qckpt, dst)
     before, after = src.stat().st_size, dst.stat().st_size
     print(f"{src}: {mb(before)} -> {dst}: {mb(after)} ({after / before:.2f}x, optimizer state dropped)")
+    if not ckpt["model"]:  # a LoRA run's checkpoint holds only adapters: measure the merged float model
+        from finetune import load_model
+        ckpt["model"] = load_model(ckpt).state_dict()
     w_before, w_after = state_dict_bytes(ckpt["model"]), state_dict_bytes(qckpt["model"])
     print(f"model weights: {mb(w_before)} -> {mb(w_after)} ({w_after / w_before:.2f}x)")
     return dst

@@ -3,6 +3,8 @@ CPU: each option changes what it should and nothing else, rotary positions are r
 generation equal the plain path, train.py runs and resumes them exactly, GPT-2 tools refuse all but the untied
 head, and the untied head round-trips through transformers."""
 
+import copy
+
 import pytest
 import torch
 
@@ -166,8 +168,11 @@ def test_muon_split_weight_steps_like_its_blocks_as_separate_weights():
     torch.testing.assert_close(a[0].data, torch.cat([p.data for p in b[:3]]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a[1].data, b[3].data, rtol=1e-5, atol=1e-6)
     p = torch.nn.Parameter(torch.zeros(10, 4))
-    with pytest.raises(ValueError, match="equal row blocks"):
-        muon.Muon([p], splits={p: 3})
+    for k in (3, 0):
+        with pytest.raises(ValueError, match="equal row blocks"):
+            muon.Muon([p], splits={p: k})
+    clone = copy.deepcopy(opt_a)  # the splits travel with a copy (Optimizer's own pickling drops extra fields)
+    assert list(clone.splits.values()) == [3] and clone.splits.keys() == {clone.param_groups[0]["params"][0]}
 
 
 def test_muon_takes_block_matrices_only():
@@ -271,6 +276,8 @@ def test_quantize_a_lora_run_checkpoint(tiny_flags, tmp_path):
     idx = torch.randint(0, merged.config.vocab_size, (1, 16))
     ref = merged(idx)[0]
     assert (q(idx)[0] - ref).abs().max() < 0.05 * ref.abs().max()
+    quantize.main(["--ckpt", str(tmp_path / "lora" / "ckpt.pt"), "--mode", "int8"])  # the CLI reports sizes too
+    assert quantize.is_quantized(read_checkpoint(tmp_path / "lora" / "ckpt_int8.pt"))
 
 
 def test_memory_estimate_counts_one_momentum_per_muon_matrix():

@@ -176,6 +176,11 @@ def test_untied_head_checkpoints_old_and_new(tmp_path):
     assert torch.equal(loaded(tokens())[0], q.quantize_model(tiny_gpt(tie_embeddings=False), "int8")(tokens())[0])
     old = q.quantized_checkpoint(float_ckpt(model), "int8", skip=("lm_head",))
     assert type(q.load_quantized_model(old).lm_head) is nn.Linear
+    # an older file, written before heads were quantized: no "head" marker, any skip list, a float head
+    older = q.quantized_checkpoint(float_ckpt(model), "int8", skip=("lm_head", "c_proj"))
+    older["quantization"] = {"mode": "int8", "group_size": None, "skip": ["c_proj"]}
+    rebuilt = q.load_quantized_model(older)
+    assert type(rebuilt.lm_head) is nn.Linear and type(rebuilt.transformer.h[0].attn.c_proj) is nn.Linear
     saved = q.state_dict_bytes(old["model"]) - q.state_dict_bytes(qckpt["model"])
     assert saved == 64 * 64 * (4 - 1) - 64 * 4  # the head's float32 weight -> int8 plus one float32 scale per row
     qat = q.enable_qat(tiny_gpt(tie_embeddings=False), "int8")
