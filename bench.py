@@ -109,7 +109,7 @@ def throughput(args):
           f"block {args.block_size}, vocab {args.vocab_size} (pad multiple {args.vocab_pad_multiple}), "
           f"compile {args.compile}{'' if args.compile_mode == 'default' else ' ' + args.compile_mode}, "
           f"cuda_graphs {args.cuda_graphs}, attn_backend {args.attn_backend}, "
-          f"bias {args.bias}, fp8 {args.fp8}{' + head' if args.fp8_head else ''}, optimizer {args.optimizer}")
+          f"bias {args.bias}, fp8 blocks {args.fp8}, fp8 head {args.fp8_head}, optimizer {args.optimizer}")
     arch = dict(rope=args.rope, norm=args.norm, qk_norm=args.qk_norm, mlp_act=args.mlp_act,
                 tie_embeddings=not args.untied)
     changed = GPTConfig(**arch).modern_options() + (["untied output layer"] if args.untied else [])
@@ -123,11 +123,13 @@ def throughput(args):
         torch.manual_seed(0)
         model = GPT(GPTConfig(**cfg))
         model.loss_chunk = args.chunked_loss
-        name = "sologpt" + (f" chunked_loss={args.chunked_loss}" if args.chunked_loss else "")
-        if args.fp8:
+        model.residual_bf16 = args.residual_bf16
+        name = "sologpt" + (f" chunked_loss={args.chunked_loss}" if args.chunked_loss else "") + \
+            (" residual_bf16" if args.residual_bf16 else "")
+        if args.fp8 or args.fp8_head:
             import fp8
-            fp8.convert_to_fp8(model, head=args.fp8_head)
-            name += " fp8" + (" +head" if args.fp8_head else "")
+            fp8.convert_to_fp8(model, head=args.fp8_head, blocks=args.fp8)
+            name += (" fp8" if args.fp8 else "") + (" fp8 head" if args.fp8_head else "")
         bench_model(name, model, model.flops_per_token(args.block_size), args, bs)
         del model
         torch.cuda.empty_cache()
@@ -178,7 +180,7 @@ def main():
                    help="torch.compile mode; max-autotune tries Triton matmul kernels, minutes to compile (train.py: default)")
     p.add_argument("--attn_backend", default="auto")
     p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (fp8.py), Hopper-class GPUs")
-    p.add_argument("--fp8_head", action="store_true", help="with --fp8: the output layer in fp8 too")
+    p.add_argument("--fp8_head", action="store_true", help="the output layer in fp8 (alone, or with --fp8 too)")
     p.add_argument("--cuda_graphs", action="store_true", help="replay each step as one CUDA graph (cuda_graph.py)")
     p.add_argument("--no_bias", dest="bias", action="store_false",
                    help="no biases in Linear and LayerNorm (GPTConfig bias=False; GPT-2 weights then do not load)")
@@ -188,6 +190,7 @@ def main():
     p.add_argument("--mlp_act", default="gelu", choices=["gelu", "relu2"])
     p.add_argument("--untied", action="store_true", help="an output layer with its own weights")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--residual_bf16", action="store_true", help="the residual stream in bf16 (model.residual_bf16)")
     p.add_argument("--chunked_loss", type=int, default=0, help="output layer + loss this many tokens at a time")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
@@ -206,8 +209,6 @@ def main():
         recipe(args)
         return
     args = p.parse_args()
-    if args.fp8_head and not args.fp8:
-        p.error("--fp8_head needs --fp8")
     if args.chunked_loss < 0 or (args.chunked_loss and args.fp8_head):
         p.error("--chunked_loss must be >= 0, and it computes the output layer itself: not with --fp8_head")
     args.compile = not args.eager

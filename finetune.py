@@ -231,6 +231,7 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
         raise ValueError("chunked_loss computes the output layer from its float weight, but qat fake-quantizes "
                          "the untied output layer: set chunked_loss=0")
     model.loss_chunk = cfg.chunked_loss
+    model.residual_bf16 = cfg.residual_bf16
     if ckpt is not None:
         model.load_state_dict(ckpt["model"], strict="adapter" not in ckpt)
     if cfg.freeze_layers or cfg.freeze_embeddings or cfg.lora_rank:

@@ -9,8 +9,10 @@ the cast, so it uses the format's whole range, and _scaled_mm multiplies the res
 use e4m3 (more mantissa), gradients e5m2 (more range), the usual split (Micikevicius et al. 2022, "FP8 Formats
 for Deep Learning"). The forward saves the fp8 copies for backward, which also halves what the layer keeps.
 
-`fp8_head = True` also runs the output layer (at GPT-2 124M its matmuls are about a quarter of the model's
-FLOPs) in fp8; with tied weights the embedding lookup of the same tensor stays an ordinary float lookup.
+`fp8_head = True` runs the output layer (at GPT-2 124M its matmuls are about a third of the model's matmul
+FLOPs) in fp8, with or without `fp8` for the blocks; with tied weights the embedding lookup of the same tensor stays
+an ordinary float lookup. At 768 wide only the head pays: its matmuls are large (tokens x 768 x 50304), while the
+blocks' are small enough that measuring and casting each operand costs what fp8 saves (README, Performance).
 
 The numbers differ from bf16 (3 mantissa bits instead of 7), so this is not the same function: tests check it
 stays close to the plain path, and the README reports the loss it reaches.
@@ -22,11 +24,17 @@ import torch.nn as nn
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-def to_fp8(x, dtype):
-    """x -> (fp8 tensor, inverse scale): x ~= fp8.float() * inverse scale."""
-    amax = x.detach().abs().amax().float().clamp(min=1e-12)
-    scale = torch.finfo(dtype).max / amax
-    return (x.float() * scale).to(dtype), scale.reciprocal()
+def fp8_scale(x, dtype):
+    """The per-tensor scale that maps x's absmax onto the largest finite value of the fp8 dtype."""
+    return torch.finfo(dtype).max / x.detach().abs().amax().float().clamp(min=1e-12)
+
+
+def to_fp8(x, dtype, scale=None, transposed=False):
+    """x -> (fp8 tensor, inverse scale): x ~= fp8.float() * inverse scale. transposed=True casts x.t() instead,
+    written row-major. scale defaults to fp8_scale(x, dtype)."""
+    scale = fp8_scale(x, dtype) if scale is None else scale
+    x = x.t() if transposed else x
+    return (x.float() * scale).to(dtype, memory_format=torch.contiguous_format), scale.reciprocal()
 
 
 def column_major(t):
@@ -49,12 +57,16 @@ class _FP8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x8, x_inv, w8, w_inv = ctx.saved_tensors
-        g8, g_inv = to_fp8(grad_y, E5M2)  # (M, N)
+        g_scale = fp8_scale(grad_y, E5M2)
+        g8, g_inv = to_fp8(grad_y, E5M2, g_scale)  # (M, N)
         # dL/dx = grad_y @ w: (M, N) @ (N, K)
         grad_x = torch._scaled_mm(g8, column_major(w8), scale_a=g_inv, scale_b=w_inv, out_dtype=ctx.out_dtype)
-        # dL/dw = grad_y.T @ x: (N, M) @ (M, K), in the master weights' dtype
-        grad_w = torch._scaled_mm(g8.t().contiguous(), column_major(x8), scale_a=g_inv, scale_b=x_inv,
-                                  out_dtype=ctx.w_dtype)
+        # dL/dw = grad_y.T @ x: (N, M) @ (M, K), in the master weights' dtype. The row-major (N, M) operand is
+        # cast again from grad_y with the same scale rather than copied from g8, so that g8 can be freed first:
+        # for the output layer each copy is tokens x vocabulary bytes (0.6 GB at GPT-2 124M, micro-batch 12)
+        del g8
+        g8_t, _ = to_fp8(grad_y, E5M2, g_scale, transposed=True)  # (N, M), the same values as g8.t()
+        grad_w = torch._scaled_mm(g8_t, column_major(x8), scale_a=g_inv, scale_b=x_inv, out_dtype=ctx.w_dtype)
         return grad_x, grad_w, None
 
 
@@ -71,11 +83,11 @@ class FP8Linear(nn.Linear):
         return y.view(*shape[:-1], -1)  # (B, T, out)
 
 
-def convert_to_fp8(model, out_dtype=torch.bfloat16, head=False):
-    """Make every nn.Linear in the transformer blocks an FP8Linear, in place; with head=True the output layer
-    too (when tied, its weight is also the token embedding, whose lookup stays as it was). Returns the number
-    of layers converted."""
-    layers = [m for m in model.transformer.h.modules() if type(m) is nn.Linear]
+def convert_to_fp8(model, out_dtype=torch.bfloat16, head=False, blocks=True):
+    """Make every nn.Linear in the transformer blocks (blocks=True) an FP8Linear, in place; with head=True the
+    output layer too (when tied, its weight is also the token embedding, whose lookup stays as it was). Returns
+    the number of layers converted."""
+    layers = [m for m in model.transformer.h.modules() if type(m) is nn.Linear] if blocks else []
     if head:
         layers.append(model.lm_head)
     for module in layers:

@@ -214,6 +214,7 @@ class GPT(nn.Module):
             self.cls_head = nn.Linear(config.n_embd, config.n_classes)
         self.grad_checkpointing = 0  # k > 0: recompute every k-th block's activations in backward (train.py sets it)
         self.loss_chunk = 0  # N > 0: with targets, the output layer and loss N tokens at a time; logits are None
+        self.residual_bf16 = False  # under bf16 autocast: the residual stream in bf16, not float32 (train.py sets it)
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale the residual projections by 1/sqrt(number of residual layers),
         # so the residual stream's variance does not grow with depth (two residual adds per block)
@@ -287,6 +288,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.embed(idx, pos))  # (B, T, C)
+        if self.residual_bf16 and torch.is_autocast_enabled(x.device.type) \
+                and torch.get_autocast_dtype(x.device.type) == torch.bfloat16:
+            # the embeddings are float32 parameters, so x + block(x) stays float32 under autocast; made bf16
+            # here, every residual add and norm input moves half the bytes (as Megatron-LM does by default)
+            x = x.to(torch.bfloat16)
         rope = self.rotary(pos)
         k = self.grad_checkpointing
         for i, block in enumerate(self.transformer.h):

@@ -117,7 +117,8 @@ class TrainConfig:
     compile: bool | str = "auto"  # torch.compile the model; "auto" means on for CUDA, off elsewhere
     cuda_graphs: bool | str = False  # replay each step as one CUDA graph (cuda_graph.py); "auto": on if possible
     fp8: bool = False  # fp8 matmuls in the transformer blocks (fp8.py): CUDA compute capability 8.9+, bfloat16
-    fp8_head: bool = False  # with fp8: the output layer's matmuls in fp8 too
+    fp8_head: bool = False  # the output layer's matmuls in fp8 (with or without fp8); pays at GPT-2 124M, fp8 does not
+    residual_bf16: bool = False  # under bf16 autocast, keep the residual stream in bf16 instead of float32 (faster)
     seed: int = 1337  # one seed for model init, batches and dropout
 
 
@@ -406,14 +407,14 @@ def train(cfg):
     flops_per_step = model.flops_per_token(cfg.block_size) * tokens_per_step
     peak = peak_flops(cfg.device)
 
-    if cfg.fp8:
+    if cfg.fp8 or cfg.fp8_head:
         import fp8
         try:
             fp8.check_fp8_device(cfg.device)
         except ValueError as e:
             raise UserError(str(e))
         try:  # same parameters and checkpoint keys; only the matmuls change
-            fp8.convert_to_fp8(model, head=cfg.fp8_head)
+            fp8.convert_to_fp8(model, head=cfg.fp8_head, blocks=cfg.fp8)
         except ValueError as e:
             raise UserError(str(e))
     easy = None

@@ -56,7 +56,7 @@ def resolve(cfg):
         raise UserError("seq_warmup_iters and curriculum apply to task 'lm'")
     if cfg.seq_warmup_iters and cfg.curriculum != "none":
         raise UserError("seq_warmup_iters and curriculum cannot be combined yet: use one at a time")
-    if cfg.qat and (cfg.base_dtype != "fp32" or cfg.fp8 or cfg.lora_rank):
+    if cfg.qat and (cfg.base_dtype != "fp32" or cfg.fp8 or cfg.fp8_head or cfg.lora_rank):
         raise UserError("qat cannot be combined with base_dtype, fp8 or lora_rank: the fake-quantized layers would "
                         "be skipped or would not be what is exported")
     if cfg.qat not in ("", "int8", "int4"):
@@ -105,11 +105,13 @@ def resolve(cfg):
     if cfg.chunked_loss < 0 or (cfg.chunked_loss and (cfg.teacher or cfg.fp8_head or cfg.task != "lm")):
         raise UserError("chunked_loss must be >= 0, for task 'lm', without teacher or fp8_head (they need the "
                         "whole logits or their own output layer): set chunked_loss=0")
-    if cfg.fp8_head and not cfg.fp8:
-        raise UserError("fp8_head=True needs fp8=True")
-    if cfg.fp8 and (device_type != "cuda" or cfg.dtype != "bfloat16"):
-        raise UserError(f"fp8=True needs a CUDA GPU and dtype bfloat16 (here device={cfg.device!r}, "
-                        f"dtype={cfg.dtype!r}): set fp8=False")
+    for key in ("fp8", "fp8_head"):
+        if getattr(cfg, key) and (device_type != "cuda" or cfg.dtype != "bfloat16"):
+            raise UserError(f"{key}=True needs a CUDA GPU and dtype bfloat16 (here device={cfg.device!r}, "
+                            f"dtype={cfg.dtype!r}): set {key}=False")
+    if cfg.residual_bf16 and cfg.dtype != "bfloat16":
+        raise UserError(f"residual_bf16=True keeps the residual stream in bfloat16 under bfloat16 autocast, but "
+                        f"dtype={cfg.dtype!r}: set residual_bf16=False")
     if cfg.lr_decay_iters == 0:
         cfg.lr_decay_iters = cfg.max_iters
     return device_type

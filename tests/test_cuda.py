@@ -97,15 +97,17 @@ def test_fp8_training_tracks_bf16(gpu_flags, tmp_path):
     assert abs(low - plain) < 0.05 * plain
 
 
-def test_fp8_head_training_tracks_bf16(gpu_flags, tmp_path):
-    if torch.cuda.get_device_capability() < (8, 9):
+@pytest.mark.parametrize("extra", [["--fp8=True", "--fp8_head=True"], ["--fp8_head=True"], ["--residual_bf16=True"],
+                                   ["--fp8_head=True", "--residual_bf16=True", "--cuda_graphs=True"]],
+                         ids=["fp8+head", "head", "residual_bf16", "head+residual_bf16+graphs"])
+def test_fp8_head_and_bf16_residual_training_tracks_bf16(gpu_flags, tmp_path, extra):
+    if "--fp8_head=True" in extra and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability 8.9+")
     flags = [f for f in gpu_flags if not f.startswith("--n_embd")] + [
         "--n_embd=64", "--dtype=bfloat16", "--max_iters=30", "--eval_interval=30", "--vocab_pad_multiple=64"]
     run(flags)
     plain = metrics(tmp_path / "out")[30]["val_loss"]
-    run([f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'fp8'}" for f in flags] +
-        ["--fp8=True", "--fp8_head=True"])
+    run([f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'fp8'}" for f in flags] + extra)
     assert abs(metrics(tmp_path / "fp8")[30]["val_loss"] - plain) < 0.05 * plain
 
 

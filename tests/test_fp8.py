@@ -47,6 +47,16 @@ def test_operands_have_the_layouts_cuda_needs(monkeypatch):
     assert len(calls) == 9 * 3  # 8 block layers and the head, 3 matmuls each
 
 
+def test_transposed_cast_is_the_transpose_of_the_cast():
+    """backward casts grad_y a second time, transposed, instead of copying the first cast: the same bits."""
+    g = torch.randn(24, 40) * 3
+    scale = fp8.fp8_scale(g, fp8.E5M2)
+    g8, inv = fp8.to_fp8(g, fp8.E5M2, scale)
+    g8_t, inv_t = fp8.to_fp8(g, fp8.E5M2, scale, transposed=True)
+    assert g8_t.is_contiguous() and g8_t.shape == (40, 24)
+    assert torch.equal(g8_t.view(torch.uint8), g8.t().contiguous().view(torch.uint8)) and torch.equal(inv, inv_t)
+
+
 def test_scaling_uses_the_whole_range():
     x = torch.randn(100) * 1e-4  # tiny values would underflow e4m3 without the scale
     x8, inv = fp8.to_fp8(x, fp8.E4M3)
@@ -55,12 +65,14 @@ def test_scaling_uses_the_whole_range():
     assert rel < 2 ** -3  # e4m3 keeps 3 mantissa bits: rounding error below 1/16 (1/8 with subnormals' margin)
 
 
-@pytest.mark.parametrize("head", [False, True])
-def test_model_stays_close_to_plain_path_and_keeps_keys(head):
+@pytest.mark.parametrize("blocks,head", [(True, False), (True, True), (False, True)],
+                         ids=["blocks", "blocks+head", "head"])
+def test_model_stays_close_to_plain_path_and_keeps_keys(blocks, head):
     plain, low = tiny_model(), tiny_model()
     keys = list(plain.state_dict())
     # 4 Linear layers per block, 2 blocks, and the output layer with head=True
-    assert fp8.convert_to_fp8(low, torch.float32, head=head) == 8 + head
+    assert fp8.convert_to_fp8(low, torch.float32, head=head, blocks=blocks) == 8 * blocks + head
+    assert type(low.transformer.h[0].mlp.c_fc) is (fp8.FP8Linear if blocks else torch.nn.Linear)
     assert low.lm_head.weight is low.transformer.wte.weight  # still tied
     assert list(low.state_dict()) == keys
     x, y = batch()
@@ -103,6 +115,10 @@ def test_train_refuses_fp8_on_cpu():
         resolve(cfg)
 
 
-def test_train_checks_fp8_values():
-    with pytest.raises(UserError, match="fp8_head=True needs fp8"):
-        resolve(TrainConfig(device="cpu", fp8_head=True))
+def test_train_checks_fp8_head_and_residual_values():
+    with pytest.raises(UserError, match="fp8_head=True needs a CUDA GPU and dtype bfloat16"):
+        resolve(TrainConfig(device="cpu", fp8_head=True))  # fp8_head alone is allowed, but not on a CPU
+    with pytest.raises(UserError, match="residual_bf16=True .* dtype='float32': set residual_bf16=False"):
+        resolve(TrainConfig(device="cpu", residual_bf16=True))
+    with pytest.raises(UserError, match="qat cannot be combined"):
+        resolve(TrainConfig(device="cpu", qat="int8", fp8_head=True))

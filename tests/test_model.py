@@ -495,3 +495,31 @@ def test_vocab_padding_with_gpt2_import_and_export(tmp_path):
     assert back.transformer.wte.weight.shape == (100, 32)
     with torch.no_grad():
         torch.testing.assert_close(back(idx).logits, hf(idx).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_residual_bf16_makes_the_stream_bf16_under_bf16_autocast_only():
+    """residual_bf16 changes the dtype of what flows between blocks (float32 -> bf16 under bf16 autocast) and
+    nothing else: loss and gradients stay within bf16 rounding of the float32 stream; without autocast it does
+    nothing."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=128))
+    x, y = torch.randint(0, 128, (4, 32)), torch.randint(0, 128, (4, 32))
+    seen = []
+    model.transformer.h[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    results = {}
+    for flag in (False, True):
+        model.residual_bf16 = flag
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        results[flag] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert seen == [torch.float32, torch.bfloat16]
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-2)
+    g0, g1 = results[False][1], results[True][1]
+    assert torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.99
+    assert model.transformer.wte.weight.grad.dtype == torch.float32  # the parameters and their grads stay float32
+    model.residual_bf16 = True
+    plain = model(x, y)[1]  # no autocast: float32 throughout
+    model.residual_bf16 = False
+    assert torch.equal(plain, model(x, y)[1])
