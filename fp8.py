@@ -57,16 +57,19 @@ class _FP8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x8, x_inv, w8, w_inv = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]  # a frozen weight (LoRA, freeze_embeddings) needs no dL/dw
         g_scale = fp8_scale(grad_y, E5M2)
-        g8, g_inv = to_fp8(grad_y, E5M2, g_scale)  # (M, N)
-        # dL/dx = grad_y @ w: (M, N) @ (N, K)
-        grad_x = torch._scaled_mm(g8, column_major(w8), scale_a=g_inv, scale_b=w_inv, out_dtype=ctx.out_dtype)
-        # dL/dw = grad_y.T @ x: (N, M) @ (M, K), in the master weights' dtype. The row-major (N, M) operand is
-        # cast again from grad_y with the same scale rather than copied from g8, so that g8 can be freed first:
-        # for the output layer each copy is tokens x vocabulary bytes (0.6 GB at GPT-2 124M, micro-batch 12)
-        del g8
-        g8_t, _ = to_fp8(grad_y, E5M2, g_scale, transposed=True)  # (N, M), the same values as g8.t()
-        grad_w = torch._scaled_mm(g8_t, column_major(x8), scale_a=g_inv, scale_b=x_inv, out_dtype=ctx.w_dtype)
+        grad_x = grad_w = None
+        if need_x:  # dL/dx = grad_y @ w: (M, N) @ (N, K)
+            g8, g_inv = to_fp8(grad_y, E5M2, g_scale)  # (M, N)
+            grad_x = torch._scaled_mm(g8, column_major(w8), scale_a=g_inv, scale_b=w_inv, out_dtype=ctx.out_dtype)
+            del g8
+        if need_w:  # dL/dw = grad_y.T @ x: (N, M) @ (M, K), in the master weights' dtype
+            # the row-major (N, M) operand is cast from grad_y again with the same scale (the same bits as
+            # g8.t()) rather than copied from g8, so under torch.compile g8 is freed first: for the output layer
+            # each copy is tokens x vocabulary bytes (0.6 GB at GPT-2 124M, micro-batch 12)
+            g8_t, g_inv = to_fp8(grad_y, E5M2, g_scale, transposed=True)  # (N, M)
+            grad_w = torch._scaled_mm(g8_t, column_major(x8), scale_a=g_inv, scale_b=x_inv, out_dtype=ctx.w_dtype)
         return grad_x, grad_w, None
 
 
@@ -100,14 +103,14 @@ def convert_to_fp8(model, out_dtype=torch.bfloat16, head=False, blocks=True):
     return len(layers)
 
 
-def check_fp8_device(device):
-    """One clear line when this card or build cannot run fp8 matmuls."""
+def check_fp8_device(device, key="fp8"):
+    """One clear line, naming the config key, when this card or build cannot run fp8 matmuls."""
     if not str(device).startswith("cuda"):
-        raise ValueError(f"fp8=True needs a CUDA GPU (device={device}): set fp8=False")
+        raise ValueError(f"{key}=True needs a CUDA GPU (device={device}): set {key}=False")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        raise ValueError(f"fp8=True needs compute capability 8.9+ (Ada, Hopper); "
-                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}: set fp8=False")
+        raise ValueError(f"{key}=True needs compute capability 8.9+ (Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}: set {key}=False")
 
 
 def reference_linear(x, w, b=None):

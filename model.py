@@ -214,7 +214,7 @@ class GPT(nn.Module):
             self.cls_head = nn.Linear(config.n_embd, config.n_classes)
         self.grad_checkpointing = 0  # k > 0: recompute every k-th block's activations in backward (train.py sets it)
         self.loss_chunk = 0  # N > 0: with targets, the output layer and loss N tokens at a time; logits are None
-        self.residual_bf16 = False  # under bf16 autocast: the residual stream in bf16, not float32 (train.py sets it)
+        self.residual_bf16 = False  # under bf16 autocast: the residual stream in bf16, not float32 (train config)
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale the residual projections by 1/sqrt(number of residual layers),
         # so the residual stream's variance does not grow with depth (two residual adds per block)

@@ -356,6 +356,13 @@ def train(cfg):
         except ValueError as e:
             raise UserError(str(e))
 
+    if cfg.fp8 or cfg.fp8_head:  # before the batch-size search, which must see fp8's memory
+        import fp8
+        try:
+            fp8.check_fp8_device(cfg.device, "fp8" if cfg.fp8 else "fp8_head")
+            fp8.convert_to_fp8(model, head=cfg.fp8_head, blocks=cfg.fp8)  # same parameters and checkpoint keys
+        except ValueError as e:
+            raise UserError(str(e))
     if cfg.batch_size == "auto":
         try:
             cfg.batch_size, cfg.gradient_accumulation_steps = memory.auto_batch_size(model, cfg, ctx)
@@ -407,16 +414,6 @@ def train(cfg):
     flops_per_step = model.flops_per_token(cfg.block_size) * tokens_per_step
     peak = peak_flops(cfg.device)
 
-    if cfg.fp8 or cfg.fp8_head:
-        import fp8
-        try:
-            fp8.check_fp8_device(cfg.device)
-        except ValueError as e:
-            raise UserError(str(e))
-        try:  # same parameters and checkpoint keys; only the matmuls change
-            fp8.convert_to_fp8(model, head=cfg.fp8_head, blocks=cfg.fp8)
-        except ValueError as e:
-            raise UserError(str(e))
     easy = None
     if cfg.curriculum == "unigram":
         easy = curriculum.EasyFirst(splits["train"], cfg.block_size, model.config.vocab_size)

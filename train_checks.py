@@ -57,8 +57,8 @@ def resolve(cfg):
     if cfg.seq_warmup_iters and cfg.curriculum != "none":
         raise UserError("seq_warmup_iters and curriculum cannot be combined yet: use one at a time")
     if cfg.qat and (cfg.base_dtype != "fp32" or cfg.fp8 or cfg.fp8_head or cfg.lora_rank):
-        raise UserError("qat cannot be combined with base_dtype, fp8 or lora_rank: the fake-quantized layers would "
-                        "be skipped or would not be what is exported")
+        raise UserError("qat cannot be combined with base_dtype, fp8, fp8_head or lora_rank: the fake-quantized "
+                        "layers would be skipped or would not be what is exported")
     if cfg.qat not in ("", "int8", "int4"):
         raise UserError(f"qat={cfg.qat!r} is unknown: use '', 'int8' or 'int4'")
     if cfg.teacher and (cfg.task != "lm" or not Path(cfg.teacher).exists()):
@@ -105,6 +105,9 @@ def resolve(cfg):
     if cfg.chunked_loss < 0 or (cfg.chunked_loss and (cfg.teacher or cfg.fp8_head or cfg.task != "lm")):
         raise UserError("chunked_loss must be >= 0, for task 'lm', without teacher or fp8_head (they need the "
                         "whole logits or their own output layer): set chunked_loss=0")
+    if cfg.fp8_head and cfg.task != "lm":
+        raise UserError(f"fp8_head=True speeds up the language-model output layer, which task={cfg.task!r} does not "
+                        f"use: set fp8_head=False")
     for key in ("fp8", "fp8_head"):
         if getattr(cfg, key) and (device_type != "cuda" or cfg.dtype != "bfloat16"):
             raise UserError(f"{key}=True needs a CUDA GPU and dtype bfloat16 (here device={cfg.device!r}, "

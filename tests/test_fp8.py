@@ -45,6 +45,11 @@ def test_operands_have_the_layouts_cuda_needs(monkeypatch):
     x, y = batch()
     model(x, y)[1].backward()
     assert len(calls) == 9 * 3  # 8 block layers and the head, 3 matmuls each
+    calls.clear()
+    model.zero_grad(set_to_none=True)
+    model.lm_head.weight.requires_grad_(False)  # a frozen (tied) head: its weight gradient is not computed
+    model(x, y)[1].backward()
+    assert len(calls) == 9 * 3 - 1 and model.lm_head.weight.grad is None
 
 
 def test_transposed_cast_is_the_transpose_of_the_cast():
@@ -122,3 +127,7 @@ def test_train_checks_fp8_head_and_residual_values():
         resolve(TrainConfig(device="cpu", residual_bf16=True))
     with pytest.raises(UserError, match="qat cannot be combined"):
         resolve(TrainConfig(device="cpu", qat="int8", fp8_head=True))
+    with pytest.raises(UserError, match="task='classify' does not use: set fp8_head=False"):
+        resolve(TrainConfig(device="cpu", task="classify", fp8_head=True))
+    with pytest.raises(ValueError, match=r"fp8_head=True needs a CUDA GPU \(device=cpu\): set fp8_head=False"):
+        fp8.check_fp8_device("cpu", "fp8_head")
