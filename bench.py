@@ -177,7 +177,8 @@ def main():
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--eager", action="store_true", help="skip torch.compile")
     p.add_argument("--compile_mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode; max-autotune tries Triton matmul kernels, minutes to compile (train.py: default)")
+                   help="torch.compile mode; max-autotune tries Triton matmul kernels, minutes to compile "
+                        "(train.py uses the default)")
     p.add_argument("--attn_backend", default="auto")
     p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (fp8.py), Hopper-class GPUs")
     p.add_argument("--fp8_head", action="store_true", help="the output layer in fp8 (alone, or with --fp8 too)")

@@ -227,9 +227,9 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
             raise ValueError(f"qat: {e}")
     memory.lower_frozen_weights(model, cfg.base_dtype)  # before loading: a checkpoint holds them lowered already
     model.grad_checkpointing = cfg.grad_checkpointing
-    if cfg.chunked_loss and type(model.lm_head) is not nn.Linear:  # e.g. qat's fake-quantized untied head
-        raise ValueError("chunked_loss computes the output layer from its float weight, but qat fake-quantizes "
-                         "the untied output layer: set chunked_loss=0")
+    if cfg.chunked_loss and type(model.lm_head) is not nn.Linear:  # qat's fake-quantized or a lowered untied head
+        raise ValueError(f"chunked_loss computes the output layer from its float weight, but this untied output "
+                         f"layer is a {type(model.lm_head).__name__} (qat or base_dtype): set chunked_loss=0")
     model.loss_chunk = cfg.chunked_loss
     model.residual_bf16 = cfg.residual_bf16
     if ckpt is not None:
