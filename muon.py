@@ -88,13 +88,14 @@ class Muon(torch.optim.Optimizer):
                 k = self.splits.get(p, 1)
                 mats = m.view(k, p.size(0) // k, p.size(1))  # (k, rows, cols)
                 tall = mats.size(1) > mats.size(2)
-                stacks.setdefault(tuple((mats.mT if tall else mats).shape[1:]), []).append((i, k, tall, mats))
+                mats = mats.mT if tall else mats  # wide: rows <= cols
+                stacks.setdefault(tuple(mats.shape[1:]), []).append((i, tall, mats))
             updates = [None] * len(params)
             for (rows, cols), items in stacks.items():
-                wide = torch.cat([mats.mT if tall else mats for _, _, tall, mats in items])  # (sum of k, rows, cols)
+                wide = torch.cat([mats for _, _, mats in items])  # (sum of k, rows, cols)
                 # RMS of an AdamW update (Liu et al. 2025): an orthogonal matrix has RMS 1 / sqrt(max(rows, cols))
                 ortho = orthogonalize(wide, group["ns_steps"]) * (0.2 * max(rows, cols) ** 0.5 * lr)
-                for (i, k, tall, _), o in zip(items, ortho.split([k for _, k, _, _ in items])):
+                for (i, tall, mats), o in zip(items, ortho.split([mats.size(0) for _, _, mats in items])):
                     updates[i] = (o.mT if tall else o).reshape(params[i].shape)  # (k, r, c) -> the weight's shape
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, as AdamW
