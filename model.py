@@ -1,19 +1,17 @@
-"""The GPT model: config, hand-written causal self-attention, blocks, generation with a KV cache,
-and import/export of Hugging Face GPT-2 checkpoint directories.
+"""The GPT model: config, hand-written causal self-attention, blocks, and generation with a KV cache.
 
 Shapes use B = batch, T = time (sequence), C = channels (n_embd), nh = heads, hs = head size.
-This file does no I/O beyond reading and writing weights.
+This file does no I/O and imports nothing else of the project: checkpoints live in sologpt/checkpoint.py,
+Hugging Face GPT-2 weights in sologpt/hf_gpt2.py, task heads (a classifier) in sologpt/classify.py.
 """
 
-import json
-import os
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -35,7 +33,11 @@ class GPTConfig:
     qk_norm: bool = False  # RMS-normalise each head's q and k before attention (keeps attention logits bounded)
     mlp_act: str = "gelu"  # "gelu" (GPT-2's tanh approximation) or "relu2" (squared ReLU, So et al. 2021)
     tie_embeddings: bool = True  # the output layer shares the token embedding's weights (GPT-2); False: its own
-    n_classes: int = 0  # > 0 adds a classification head: forward then returns (B, n_classes) logits (task "classify")
+    # how the model trains (same weights, same function up to rounding)
+    grad_checkpointing: int = 0  # k > 0: every k-th block keeps only its input and recomputes the rest in backward
+    residual_bf16: bool = False  # under bf16 autocast the residual stream is bf16, not float32 (faster, less memory)
+    # a task head (sologpt/classify.py builds the model with it; plain GPT ignores these)
+    n_classes: int = 0  # > 0: a classifier with this many classes (task "classify")
     cls_pool: str = "last"  # what the head reads: the "last" real token's hidden state, or the "mean" over tokens
 
     @property
@@ -57,6 +59,8 @@ class GPTConfig:
             raise ValueError(f"mlp_act={self.mlp_act!r} is unknown: use 'gelu' or 'relu2'")
         if self.rope and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, got n_embd / n_head = {self.n_embd // self.n_head}")
+        if self.grad_checkpointing < 0:
+            raise ValueError(f"grad_checkpointing={self.grad_checkpointing} must not be negative")
 
     def modern_options(self):
         """The options set away from GPT-2's architecture that Hugging Face's GPT2LMHeadModel cannot express,
@@ -192,6 +196,28 @@ class Block(nn.Module):
         return x
 
 
+class CheckpointedBlock(Block):
+    """A Block that keeps only its input for backward and recomputes its activations there (Chen et al. 2016):
+    less memory for one more forward of the block. GPTConfig.grad_checkpointing = k makes every k-th block one."""
+
+    def forward(self, x, kv_cache=None, rope=None):
+        if self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(super().forward, x, None, rope, use_reentrant=False)
+        return super().forward(x, kv_cache, rope)
+
+
+class ResidualBF16(nn.Module):
+    """Under bf16 autocast, cast the residual stream to bf16 (GPTConfig.residual_bf16). The embeddings are float32
+    parameters, so x + block(x) would stay float32; in bf16 every residual add and norm input moves half the bytes
+    (as Megatron-LM does by default). Without bf16 autocast it changes nothing."""
+
+    def forward(self, x):
+        t = x.device.type
+        if torch.is_autocast_enabled(t) and torch.get_autocast_dtype(t) == torch.bfloat16:
+            return x.to(torch.bfloat16)
+        return x
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -199,22 +225,20 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd)))
         if not config.rope:  # learned absolute positions (GPT-2); rotary ones have no weights
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        k = config.grad_checkpointing
         self.transformer.update(dict(
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            h=nn.ModuleList([(CheckpointedBlock if k and i % k == 0 else Block)(config, i)
+                             for i in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
+        self.residual_cast = ResidualBF16() if config.residual_bf16 else nn.Identity()  # no weights: not in checkpoints
         hs = config.n_embd // config.n_head
         inv_freq = config.rope_base ** -(torch.arange(0, hs, 2, dtype=torch.float32) / hs)  # (hs/2,)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, so not in the checkpoint
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:  # tied input and output embeddings (GPT-2, Press & Wolf 2017)
             self.lm_head.weight = self.transformer.wte.weight
-        if config.n_classes > 0:
-            self.cls_head = nn.Linear(config.n_embd, config.n_classes)
-        self.grad_checkpointing = 0  # k > 0: recompute every k-th block's activations in backward (train.py sets it)
-        self.loss_chunk = 0  # N > 0: with targets, the output layer and loss N tokens at a time; logits are None
-        self.residual_bf16 = False  # under bf16 autocast: the residual stream in bf16, not float32 (train config)
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale the residual projections by 1/sqrt(number of residual layers),
         # so the residual stream's variance does not grow with depth (two residual adds per block)
@@ -259,21 +283,11 @@ class GPT(nn.Module):
             matmul -= c.vocab_size * c.n_embd
         return 6 * matmul + 12 * c.n_layer * T * c.n_embd
 
-    def forward(self, idx, targets=None, kv_cache=None, lengths=None):
+    def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). targets of -1 are ignored.
-        With a kv_cache, idx holds only the new tokens and positions continue from the cache.
-        A classifier (n_classes > 0) returns (B, n_classes) logits instead; lengths (B,) counts each row's real
-        tokens (the rest is right padding) and targets (B,) are class ids."""
+        With a kv_cache, idx holds only the new tokens and positions continue from the cache."""
         x = self.hidden_states(idx, kv_cache)  # (B, T, C)
-        if self.config.n_classes > 0:
-            return self.classify(x, targets, lengths)
-        if targets is not None and self.loss_chunk:  # the loss without ever holding all logits (chunked_ce.py)
-            from chunked_ce import chunked_cross_entropy
-            w = self.lm_head.weight[:self.config.vocab_size]  # (vocab, C): padding rows are not tokens
-            return None, chunked_cross_entropy(x.reshape(-1, x.size(-1)), w, targets.reshape(-1), self.loss_chunk)
-        logits = self.lm_head(x)  # (B, T, padded vocab)
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., :self.config.vocab_size]  # (B, T, vocab): padding rows are not tokens
+        logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, vocab): vocabulary padding is no token
         loss = None
         if targets is not None:
             # the loss in float32 even under autocast: log-softmax over 50k classes in bf16 loses precision
@@ -281,26 +295,16 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden_states(self, idx, kv_cache=None):
-        """The final (layer-normed) hidden state of every position: (B, T) -> (B, T, C)."""
+        """The final (normed) hidden state of every position: (B, T) -> (B, T, C)."""
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.embed(idx, pos))  # (B, T, C)
-        if self.residual_bf16 and torch.is_autocast_enabled(x.device.type) \
-                and torch.get_autocast_dtype(x.device.type) == torch.bfloat16:
-            # the embeddings are float32 parameters, so x + block(x) stays float32 under autocast; made bf16
-            # here, every residual add and norm input moves half the bytes (as Megatron-LM does by default)
-            x = x.to(torch.bfloat16)
-        rope = self.rotary(pos)
-        k = self.grad_checkpointing
-        for i, block in enumerate(self.transformer.h):
-            if k and self.training and i % k == 0 and torch.is_grad_enabled():
-                # keep only this block's input; its activations are recomputed in backward (Chen et al. 2016)
-                x = torch.utils.checkpoint.checkpoint(block, x, None, rope, use_reentrant=False)
-            else:
-                x = block(x, kv_cache, rope)
+        x = self.residual_cast(self.transformer.drop(self.embed(idx, pos)))  # (B, T, C)
+        rope = self.rotary(pos)  # rotary angles, or None
+        for block in self.transformer.h:
+            x = block(x, kv_cache, rope)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.transformer.ln_f(x)
@@ -319,21 +323,6 @@ class GPT(nn.Module):
         if angles.dim() == 3:
             angles = angles[:, None]  # (B, 1, T, hs/2): the same for every head
         return angles.cos(), angles.sin()
-
-    def classify(self, x, targets=None, lengths=None):
-        """Class logits from hidden states x (B, T, C): the last real token sees the whole text through causal
-        attention; "mean" averages the real positions instead. Right padding never reaches real tokens."""
-        B, T, _ = x.shape
-        if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
-        if self.config.cls_pool == "last":
-            pooled = x[torch.arange(B, device=x.device), lengths - 1]  # (B, C)
-        else:
-            mask = (torch.arange(T, device=x.device)[None, :] < lengths[:, None]).to(x.dtype)  # (B, T)
-            pooled = (x * mask[..., None]).sum(1) / lengths[:, None].to(x.dtype)  # (B, C)
-        logits = self.cls_head(pooled)  # (B, n_classes)
-        loss = None if targets is None else F.cross_entropy(logits.float(), targets)
-        return logits, loss
 
     def resize_vocab(self, vocab_size):
         """Grow the token embedding (and the tied output head) to vocab_size tokens, e.g. for domain tokens added
@@ -384,136 +373,6 @@ class GPT(nn.Module):
         self.train(was_training)
         return idx
 
-    # ---- Hugging Face GPT-2 checkpoints ----------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path, **overrides):
-        """Load a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin), any size.
-        overrides set other GPTConfig fields: dropout, attn_impl, vocab_pad_multiple (which adds embedding rows);
-        not the shape or tie_embeddings, which config.json decides."""
-        path = Path(path)
-        hf_config = _read_hf_config(path)
-        config = GPTConfig(block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"],
-                           n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
-                           bias=True, tie_embeddings=hf_config.get("tie_word_embeddings", True), **overrides)
-        model = cls(config)
-        hf = _read_hf_weights(path)
-        hf = {k.removeprefix("transformer."): v for k, v in hf.items()}  # GPT2LMHeadModel vs GPT2Model names
-        sd = model.state_dict()
-        problems = []
-        for name, param in sd.items():
-            if (name == "lm_head.weight" and config.tie_embeddings) or name.startswith("cls_head."):
-                continue  # lm_head tied to wte; a new classification head starts at its init
-            hf_name = name.removeprefix("transformer.")
-            if hf_name not in hf:
-                problems.append(f"{hf_name} is missing")
-                continue
-            w = hf[hf_name]
-            if hf_name.endswith(_CONV1D):  # GPT-2 stores these as Conv1D: (in, out), the transpose of nn.Linear
-                w = w.t()
-            if hf_name in ("wte.weight", "lm_head.weight"):
-                param = param[:config.vocab_size]  # the real tokens; padding rows keep their init
-            if w.shape != param.shape:
-                problems.append(f"{hf_name} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
-                continue
-            with torch.no_grad():
-                param.copy_(w)
-        if problems:
-            raise ValueError(f"{path} does not hold a GPT-2 of the shape its config.json says: " + "; ".join(problems))
-        return model
-
-    def save_pretrained(self, path):
-        """Write a Hugging Face GPT-2 directory that transformers.GPT2LMHeadModel.from_pretrained loads.
-        Uses safetensors when installed (it comes with transformers), else pytorch_model.bin."""
-        c = self.config
-        if c.bias is False:
-            raise ValueError("a model with bias=False cannot be exported as GPT-2, which has biases")
-        if c.modern_options():
-            raise ValueError(f"a model with {', '.join(c.modern_options())} cannot be exported as GPT-2, which has "
-                             f"none of these: keep the sologpt checkpoint (sample.py and score.py read it)")
-        if c.n_classes > 0:
-            raise ValueError("a classifier (n_classes > 0) cannot be exported as GPT2LMHeadModel")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
-                         n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                         n_head=c.n_head, n_inner=None, activation_function="gelu_new", resid_pdrop=c.dropout,
-                         embd_pdrop=c.dropout, attn_pdrop=c.dropout, layer_norm_epsilon=1e-5,
-                         initializer_range=0.02, tie_word_embeddings=c.tie_embeddings)
-        if c.vocab_size > 50256:  # GPT-2's <|endoftext|>, where the vocabulary has it
-            hf_config.update(bos_token_id=50256, eos_token_id=50256)
-        else:  # a smaller vocabulary (characters) has no such token: say so, or transformers assumes 50256
-            hf_config.update(bos_token_id=None, eos_token_id=None)
-        (path / "config.json").write_text(json.dumps(hf_config, indent=2))
-        tensors = {}
-        for name, t in self.state_dict().items():
-            if name == "lm_head.weight" and c.tie_embeddings:  # the same tensor as wte
-                continue
-            t = t.detach().float().cpu()
-            if name in ("transformer.wte.weight", "lm_head.weight"):
-                t = t[:c.vocab_size]  # without vocab padding
-            tensors[name] = (t.t() if name.endswith(_CONV1D) else t).contiguous()
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            torch.save(tensors, path / "pytorch_model.bin")
-        else:
-            save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-
-    @classmethod
-    def from_checkpoint(cls, ckpt):
-        """Rebuild a model from a sologpt checkpoint dict (see train.py: save_checkpoint)."""
-        model = cls(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        return model
-
-    def config_dict(self):
-        """The config for a checkpoint. Architecture options at their GPT-2 defaults are left out, so a plain
-        model's checkpoint stays readable by versions that predate them (GPTConfig fills them back in)."""
-        d, default = asdict(self.config), GPTConfig()
-        for key in ("rope", "rope_base", "norm", "qk_norm", "mlp_act", "tie_embeddings"):
-            if d[key] == getattr(default, key):
-                del d[key]
-        return d
-
-
-CKPT_FORMAT_VERSION = 1  # bump when the checkpoint layout changes
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, fsync, then rename over the old file: a crash or a full
-    disk mid-write leaves the previous checkpoint untouched."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def read_checkpoint(path):
-    """Read a sologpt checkpoint (train.py writes it) with weights_only=True: tensors and plain values, no code."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist: train first (python train.py ...) or check --out_dir")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle opcode, ...: all mean the file is damaged
-        reason = (str(e).splitlines() or [""])[0][:120]
-        raise ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {reason}): "
-                         f"restore it from a backup or start a new run")
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CKPT_FORMAT_VERSION:
-        raise ValueError(f"{path} is not a sologpt checkpoint of format {CKPT_FORMAT_VERSION}")
-    return ckpt
-
-
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick the next token from logits (B, vocab) -> (B, 1)."""
@@ -532,34 +391,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-def _read_hf_config(path):
-    f = path / "config.json"
-    if not f.is_file():
-        raise ValueError(f"{f} is missing: point init_from at a Hugging Face GPT-2 directory (config.json + weights)")
-    cfg = json.loads(f.read_text())
-    if cfg.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{f} describes a {cfg.get('model_type')!r} model; only GPT-2 directories load here")
-    if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{f}: activation_function={cfg['activation_function']!r} is not GPT-2's tanh GELU")
-    defaults = dict(layer_norm_epsilon=1e-5, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
-                    reorder_and_upcast_attn=False)
-    for key, value in defaults.items():  # fields that would change the outputs of this implementation
-        if cfg.get(key, value) != value:
-            raise ValueError(f"{f}: {key}={cfg[key]!r} is not supported (only GPT-2's {value!r})")
-    if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
-        raise ValueError(f"{f}: n_inner={cfg['n_inner']} differs from 4 * n_embd; this GPT only has 4x MLPs")
-    return cfg
-
-
-def _read_hf_weights(path):
-    if (path / "model.safetensors").is_file():
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ValueError(f"{path}/model.safetensors needs the safetensors package: pip install safetensors")
-        return load_file(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")

@@ -5,8 +5,10 @@
     python sample.py --out_dir=out --prompts=prompts.txt --max_new_tokens=64   # one prompt per line, batched
 
 Reads out_dir/ckpt.pt (weights_only=True) and the tokenizer from out_dir/meta.json, which train.py copies there.
-Any checkpoint kind loads: a full model, a LoRA run (its base is rebuilt and the adapters merged in) or a quantized
-file (--ckpt=out/ckpt_int8.pt). A classifier (train.py task="classify") prints each prompt line's label instead.
+Any checkpoint kind loads (sologpt/checkpoint.py): a full model, a LoRA run (its base is rebuilt and the adapters
+merged in) or a quantized file (--ckpt=out/ckpt_int8.pt). The prompts go through the batched engine
+(sologpt/inference.py): KV cache, left padding, a CUDA-graph decode step. A classifier (train.py task="classify")
+prints each prompt line's label instead.
 """
 
 import json
@@ -16,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-import tokenizer as tok
-from configurator import UserError, autocast_context, resolve_auto_bool, resolve_device, run_cli
-import finetune
-from model import read_checkpoint
+from sologpt import checkpoint, tokenizer as tok
+from sologpt.configurator import UserError, resolve_auto_bool, run_cli
+from sologpt.hardware import autocast_context, resolve_device
+from sologpt.inference import Engine
 
 
 @dataclass
@@ -37,7 +39,7 @@ class SampleConfig:
     batch_size: int = 16  # rows generated together (samples of one prompt, or prompts from the file)
     stop: str = ""  # cut each sample after this text; "<|endoftext|>" also stops generating at GPT-2's end token
     stream: bool | str = "auto"  # print tokens as they arrive (one prompt, one sample); "auto": on a terminal
-    cuda_graph: bool | str = "auto"  # replay the one-token decode step as a CUDA graph (inference.py); auto: on CUDA
+    cuda_graph: bool | str = "auto"  # replay the one-token decode step as a CUDA graph; "auto": on CUDA
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it (else float16), float32 elsewhere
 
@@ -46,27 +48,32 @@ def load_model(cfg, device):
     """The checkpoint's model, and the tokenizer that goes with it."""
     path = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
     try:
-        ckpt = read_checkpoint(path)
-        model = finetune.load_model(ckpt, path)
-    except ValueError as e:
-        raise UserError(str(e))
-    try:
-        meta = tok.load_meta(tok.find_meta(path, ckpt, also=[cfg.out_dir]))
+        model, meta = checkpoint.load_with_meta(path, also=[cfg.out_dir])
         enc = tok.from_meta(meta)
-    except tok.TokenizerError as e:
+    except ValueError as e:  # a tokenizer error is one too
         raise UserError(str(e))
     enc.labels = meta.get("labels")  # class names of a classifier
     return model.to(device).eval(), enc
+
+
+def read_file(path):
+    """A prompt file's text (UTF-8), or one clear line."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the prompt file {path}: {e}")
+
+
+def prompt_text(cfg):
+    """--start, or the file it names with FILE:path."""
+    return read_file(cfg.start[len("FILE:"):]) if cfg.start.startswith("FILE:") else cfg.start
 
 
 def read_prompts(cfg, enc):
     """[(token ids, tokens not to print)]: the prompt file's lines, or --start num_samples times."""
     if cfg.prompts:
         path = Path(cfg.prompts)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read the prompt file {path}: {e}")
+        lines = read_file(path).splitlines()
         texts = []
         for i, line in enumerate(lines, 1):
             if path.suffix == ".jsonl" and line.strip():
@@ -79,14 +86,7 @@ def read_prompts(cfg, enc):
         if not texts:
             raise UserError(f"{path} has no prompts (empty lines are skipped)")
     else:
-        text = cfg.start
-        if text.startswith("FILE:"):
-            path = Path(text[len("FILE:"):])
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"cannot read the prompt file {path}: {e}")
-        texts = [text] * cfg.num_samples
+        texts = [prompt_text(cfg)] * cfg.num_samples
     prompts = []
     for text in texts:
         try:
@@ -128,7 +128,6 @@ def sample(cfg):
     longest = max(len(ids) for ids, _ in prompts)
     engine = None
     if longest + cfg.max_new_tokens <= bs:  # the batched engine; beyond block_size GPT.generate slides the window
-        from inference import Engine
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if device_type == "cuda" else None
         engine = Engine(model, min(cfg.batch_size, len(prompts)), longest + cfg.max_new_tokens, cfg.device, dtype,
                         cuda_graph=cfg.cuda_graph)
@@ -149,10 +148,10 @@ def sample(cfg):
                 row = out[0, len(ids):].tolist()
                 new.append(row[:row.index(stop_token) + 1] if stop_token in row else row)
         for (ids, skip), row in zip(batch, new):
-            prompt_text = enc.decode(ids[skip:])
+            prompt = enc.decode(ids[skip:])
             text = enc.decode(ids[skip:] + row)
-            if cfg.stop and cfg.stop in text[len(prompt_text):]:
-                text = text[:text.index(cfg.stop, len(prompt_text)) + len(cfg.stop)]
+            if cfg.stop and cfg.stop in text[len(prompt):]:
+                text = text[:text.index(cfg.stop, len(prompt)) + len(cfg.stop)]
             texts.append(text)
             if printer is None:
                 print(text)
@@ -188,12 +187,7 @@ class Streamer:
 @torch.no_grad()
 def classify_lines(cfg, model, enc, ctx):
     """A classifier's label for each non-empty line of the prompt, with the class probabilities."""
-    text = f"FILE:{cfg.prompts}" if cfg.prompts else cfg.start
-    if text.startswith("FILE:"):
-        try:
-            text = Path(text[len("FILE:"):]).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read the prompt file {text[len('FILE:'):]}: {e}")
+    text = read_file(cfg.prompts) if cfg.prompts else prompt_text(cfg)
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise UserError("nothing to classify: pass --start='some text' or --start=FILE:lines.txt")

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python prepare/text.py`: make `prepare` and `tokenizer` importable
+if __package__ in (None, ""):  # run as `python prepare/text.py`: make `prepare` and `sologpt` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 from tqdm import tqdm
 
-import tokenizer
+from sologpt import tokenizer
 from prepare.clean import CLEAN_RULES, FILTERS, WORD, Limits, clean, quality_problem
 from prepare.common import (PrepareError, TokenWriter, decode_text, find_inputs, fraction_arg, ordered_map,
                             publish_splits, token_dtype)

@@ -48,7 +48,7 @@ def tiny_flags(char_data, tmp_path):
 def trained(char_data, tmp_path_factory):
     """out_dir of a tiny character model trained for 20 steps (one per test module)."""
     import train as train_mod
-    from configurator import load_config
+    from sologpt.configurator import load_config
     out = tmp_path_factory.mktemp("run") / "out"
     flags = [f"--data_root={char_data}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu", "--n_layer=2",
              "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=20", "--eval_iters=1",
@@ -89,8 +89,8 @@ def assert_resume_is_exact(flags, tmp_path, stop=4, steps=8, learns_below=4.0):
     """Train `steps` steps straight into tmp_path/out, and again into tmp_path/r stopping after `stop` and
     resuming: the final weights must be bit for bit the same (CPU, float32). Returns the second run's flags."""
     import train as train_mod
-    from configurator import load_config
-    from model import read_checkpoint
+    from sologpt.configurator import load_config
+    from sologpt.checkpoint import read as read_checkpoint
 
     def run(f):
         train_mod.train(load_config(train_mod.TrainConfig, f))
@@ -105,3 +105,29 @@ def assert_resume_is_exact(flags, tmp_path, stop=4, steps=8, learns_below=4.0):
     for k, v in straight["model"].items():
         assert torch.equal(resumed["model"][k], v), k
     return other
+
+
+def run_train(flags):
+    """train.py's train() on a config made from flags, as the command line would."""
+    import train as train_mod
+    from sologpt.configurator import load_config
+    return train_mod.train(load_config(train_mod.TrainConfig, flags))
+
+
+def error_of(main, argv, capsys):
+    """Run a script's main(argv), expect exit 1 and return its single stderr line."""
+    capsys.readouterr()  # drop what earlier steps of the test printed
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def bpe_flags(root, out, *extra, init=None):
+    """Flags for a tiny CPU run on gpt2_setup's BPE data, starting from its GPT-2 directory (or init)."""
+    init = init or root / "gpt2"
+    return [f"--data_root={root / 'data'}", "--dataset=bpe", f"--out_dir={out}", "--device=cpu", "--block_size=32",
+            "--batch_size=4", "--eval_interval=3", "--eval_iters=2", "--progress=False", "--sample_tokens=0",
+            "--learning_rate=3e-3", "--warmup_iters=0", f"--init_from={init}", *extra]

@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sologpt import checks
 import train as train_mod
-from chunked_ce import chunked_cross_entropy
-from configurator import UserError, load_config
-from model import GPT, GPTConfig, read_checkpoint
+from sologpt.chunked_ce import ChunkedLoss, chunked_cross_entropy
+from sologpt.configurator import UserError, load_config
+from model import GPT, GPTConfig
+from sologpt.checkpoint import read as read_checkpoint
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 100])
@@ -34,9 +36,9 @@ def test_same_loss_and_gradients_as_plain_cross_entropy(chunk):
 def test_model_loss_and_every_gradient_match_the_plain_model(pad):
     torch.manual_seed(0)
     plain = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=61, vocab_pad_multiple=pad))
-    chunked = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=61, vocab_pad_multiple=pad))
-    chunked.load_state_dict(plain.state_dict())
-    chunked.loss_chunk = 10
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=61, vocab_pad_multiple=pad))
+    model.load_state_dict(plain.state_dict())
+    chunked = ChunkedLoss(model, 10)  # the wrapper train.py puts around the model for chunked_loss
     x, y = torch.randint(0, 61, (3, 16)), torch.randint(0, 61, (3, 16))
     logits, l0 = plain(x, y)
     none, l1 = chunked(x, y)
@@ -77,7 +79,7 @@ def test_train_run_matches_the_plain_run_and_bad_combinations_are_refused(tiny_f
         torch.testing.assert_close(chunked["model"][k], v, rtol=1e-4, atol=1e-5)
     for bad in (dict(chunked_loss=-1), dict(chunked_loss=64, task="classify")):
         with pytest.raises(UserError, match="chunked_loss"):
-            train_mod.resolve(train_mod.TrainConfig(device="cpu", **bad))
+            checks.resolve(train_mod.TrainConfig(device="cpu", **bad))
 
 
 def count_matmuls(fn):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from configurator import UserError, load_config
+from sologpt.configurator import UserError, load_config
 
 
 @dataclass

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import train as train_mod
-from configurator import load_config
-from model import read_checkpoint
+from sologpt.configurator import load_config
+from sologpt.checkpoint import read as read_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -111,6 +111,59 @@ def test_fp8_head_and_bf16_residual_training_tracks_bf16(gpu_flags, tmp_path, ex
     assert abs(metrics(tmp_path / "fp8")[30]["val_loss"] - plain) < 0.05 * plain
 
 
+@pytest.mark.parametrize("extra", [["--curriculum=unigram"], ["--grad_checkpointing=1"]],
+                         ids=["easy_first", "grad_checkpointing"])
+def test_sources_and_switches_in_a_cuda_graph_match_eager(gpu_flags, tmp_path, extra):
+    """The graph records train.py's own train_step, so what the step gets from a batch source or a switch is
+    recorded too: the easy-first curriculum and gradient checkpointing (refused before the step was one)."""
+    common = gpu_flags + ["--dtype=float32"] + extra
+    run(common + [f"--out_dir={tmp_path / 'eager'}"])
+    run(common + [f"--out_dir={tmp_path / 'graph'}", "--cuda_graphs=True"])
+    a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "graph")
+    for it in (4, 8, 12):
+        assert abs(a[it]["val_loss"] - b[it]["val_loss"]) < 1e-4
+    assert b[12]["val_loss"] < b[0]["val_loss"] - 0.3
+
+
+def test_teacher_in_a_cuda_graph_matches_eager(gpu_flags, tmp_path):
+    run(gpu_flags + ["--dtype=float32", f"--out_dir={tmp_path / 'teacher'}"])
+    common = gpu_flags + ["--dtype=float32", f"--teacher={tmp_path / 'teacher' / 'ckpt.pt'}", "--distill_alpha=0.7"]
+    run(common + [f"--out_dir={tmp_path / 'eager'}"])
+    run(common + [f"--out_dir={tmp_path / 'graph'}", "--cuda_graphs=True"])
+    a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "graph")
+    for it in (4, 8, 12):
+        assert abs(a[it]["val_loss"] - b[it]["val_loss"]) < 1e-4
+
+
+def test_classifier_in_a_cuda_graph_matches_eager(tmp_path):
+    """Classification rows carry their lengths as a keyword argument: the graph copies it in with the batch."""
+    import json
+    import subprocess
+    import sys
+    from conftest import REPO, SHARED
+    rows = (SHARED / "data" / "sentence_polarity" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:300]
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    subprocess.run([sys.executable, "prepare/classify.py", f"--input={tmp_path / 'rows.jsonl'}", "--name=pol",
+                    f"--data_root={tmp_path / 'data'}", "--tokenizer=char"], cwd=REPO, check=True)
+    common = [f"--data_root={tmp_path / 'data'}", "--dataset=pol", "--task=classify", "--device=cuda",
+              "--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=16",
+              "--max_iters=12", "--eval_interval=4", "--eval_iters=2", "--progress=False", "--compile=False"]
+    run(common + [f"--out_dir={tmp_path / 'eager'}"])
+    run(common + [f"--out_dir={tmp_path / 'graph'}", "--cuda_graphs=True"])
+    a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "graph")
+    for it in (4, 8, 12):
+        assert abs(a[it]["val_loss"] - b[it]["val_loss"]) < 1e-4
+    assert json.loads((tmp_path / "graph" / "config.json").read_text())["cuda_graphs"] is True
+
+
+def test_auto_batch_size_with_cuda_graphs(gpu_flags, tmp_path):
+    flags = [f for f in gpu_flags if not f.startswith("--batch_size")]
+    run(flags + ["--batch_size=auto", "--auto_batch_sequences=16", "--cuda_graphs=True", "--dtype=bfloat16"])
+    ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["train_config"]["batch_size"] * ckpt["train_config"]["gradient_accumulation_steps"] >= 16
+    assert metrics(tmp_path / "out")[12]["val_loss"] < metrics(tmp_path / "out")[0]["val_loss"] - 0.3
+
+
 @pytest.mark.parametrize("extra", [["--optimizer=muon"], ["--rope=True", "--norm=rmsnorm", "--qk_norm=True",
                                    "--mlp_act=relu2", "--tie_embeddings=False"], ["--chunked_loss=64"]],
                          ids=["muon", "architecture", "chunked_loss"])
@@ -128,12 +181,13 @@ def test_options_in_a_cuda_graph_match_eager(gpu_flags, tmp_path, extra):
 
 def test_chunked_loss_matches_plain_on_cuda():
     from model import GPT, GPTConfig
+    from sologpt.chunked_ce import ChunkedLoss
     torch.manual_seed(0)
     plain = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=500, vocab_pad_multiple=64)).cuda()
-    chunked = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=500,
-                            vocab_pad_multiple=64)).cuda()
-    chunked.load_state_dict(plain.state_dict())
-    chunked.loss_chunk = 100
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=500,
+                          vocab_pad_multiple=64)).cuda()
+    model.load_state_dict(plain.state_dict())
+    chunked = ChunkedLoss(model, 100)
     x, y = torch.randint(0, 500, (4, 64), device="cuda"), torch.randint(0, 500, (4, 64), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         l0, l1 = plain(x, y)[1], torch.compile(chunked)(x, y)[1]
@@ -146,7 +200,7 @@ def test_chunked_loss_matches_plain_on_cuda():
 
 
 def test_engine_cuda_graph_equals_eager():
-    from inference import Engine
+    from sologpt.inference import Engine
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=128)).cuda().eval()

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import curriculum
+from sologpt import curriculum
 import train as train_mod
-from configurator import load_config
+from sologpt.configurator import load_config
 from conftest import assert_resume_is_exact
 
 

@@ -1,11 +1,17 @@
-"""distill.py: the loss against hand-written formulas, load_teacher's checks, a toy student learning a teacher."""
+"""sologpt/distill.py: the loss against hand-written formulas, load_teacher's checks, a toy student learning a
+teacher, the Distill wrapper (the mixed loss in training, the student's own in evaluation, the teacher kept in
+eval mode), and distillation in train.py runs."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import distill_loss, load_teacher
-from model import CKPT_FORMAT_VERSION, GPT, GPTConfig
+import train as train_mod
+from conftest import run_train as run
+from model import GPT, GPTConfig
+from sologpt import checkpoint, hf_gpt2
+from sologpt.checkpoint import FORMAT_VERSION as CKPT_FORMAT_VERSION, read as read_checkpoint
+from sologpt.distill import Distill, distill_loss, load_teacher
 
 
 def logits_and_targets(B=3, T=5, V=11, seed=0):
@@ -94,7 +100,7 @@ def test_bad_arguments():
 
 def save_teacher(path, **shape):
     model = GPT(GPTConfig(**{**dict(vocab_size=65, block_size=32, n_layer=1, n_head=2, n_embd=16), **shape}))
-    torch.save({"format_version": CKPT_FORMAT_VERSION, "model_config": model.config_dict(),
+    torch.save({"format_version": CKPT_FORMAT_VERSION, "model_config": checkpoint.model_config(model),
                 "model": model.state_dict()}, path)
     return model
 
@@ -114,7 +120,7 @@ def test_load_teacher_checks_and_freezes(tmp_path):
     assert "\n" not in str(exc.value)
     with pytest.raises(ValueError, match="does not exist"):
         load_teacher(tmp_path / "nope.pt", "cpu", vocab_size=65, block_size=16)
-    want.save_pretrained(tmp_path / "hf")  # a GPT-2 directory works too
+    hf_gpt2.save(want, tmp_path / "hf")  # a GPT-2 directory works too
     teacher = load_teacher(tmp_path / "hf", "cpu", vocab_size=65, block_size=32)
     assert not any(p.requires_grad for p in teacher.parameters())
 
@@ -143,3 +149,46 @@ def test_student_converges_toward_the_teacher():
         opt.step()
     after = kl_to_teacher()
     assert before > 0.3 and after < 0.1 * before, (before, after)
+
+
+def moved(flags, name, tmp_path):
+    return [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / name}" for f in flags]
+
+
+def test_distillation_changes_the_loss_and_checks_the_teacher(tiny_flags, tmp_path, capsys, char_data):
+    run(tiny_flags + ["--max_iters=6"])
+    teacher = tmp_path / "out" / "ckpt.pt"
+    run(moved(tiny_flags, "plain", tmp_path) + ["--max_iters=4"])
+    run(moved(tiny_flags, "kd", tmp_path) + ["--max_iters=4", f"--teacher={teacher}", "--distill_alpha=0.9"])
+    plain = read_checkpoint(tmp_path / "plain" / "ckpt.pt")["model"]
+    kd = read_checkpoint(tmp_path / "kd" / "ckpt.pt")["model"]
+    assert not torch.equal(plain["transformer.h.0.mlp.c_fc.weight"], kd["transformer.h.0.mlp.c_fc.weight"])
+    # a teacher with another vocabulary is refused in one line
+    other = read_checkpoint(teacher)
+    other["model_config"]["vocab_size"] = 70
+    other["model"]["transformer.wte.weight"] = torch.zeros(70, 32)  # a bigger vocabulary than the data's
+    other["model"]["lm_head.weight"] = other["model"]["transformer.wte.weight"]
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit):
+        train_mod.main(moved(tiny_flags, "x", tmp_path) + [f"--teacher={tmp_path / 'other.pt'}"])
+    err = capsys.readouterr().err
+    assert "teacher has a vocabulary of 70 tokens" in err and err.count("\n") == 1
+
+
+def test_the_wrapper_mixes_the_loss_in_training_only():
+    torch.manual_seed(0)
+    student = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, dropout=0.1))
+    teacher = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, dropout=0.1))
+    teacher.requires_grad_(False)
+    wrapped = Distill(student, teacher, alpha=0.5, temperature=2.0).train()
+    assert student.training and not teacher.training  # the teacher never drops out
+    x, y = torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8))
+    torch.manual_seed(1)
+    logits, mixed = wrapped(x, y)
+    torch.manual_seed(1)
+    s_logits, _ = student(x, y)
+    expected, _ = distill_loss(s_logits, teacher.eval()(x)[0], y, 0.5, 2.0)
+    torch.testing.assert_close(mixed, expected)
+    wrapped.eval()
+    assert torch.equal(wrapped(x, y)[1], student(x, y)[1])  # evaluation: the student's own loss
+

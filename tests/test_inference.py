@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
+from sologpt import hf_gpt2
 import sample as sample_mod
-from configurator import load_config
+from sologpt.configurator import load_config
 from conftest import REPO, perturbed_model
-from inference import Engine
+from sologpt.inference import Engine
 
 
 tiny = perturbed_model  # larger weights than the init, so a wrong mask or position changes the tokens
@@ -32,7 +33,7 @@ def test_batched_rows_equal_each_prompt_alone_and_the_uncached_path():
 def test_greedy_tokens_equal_transformers_generate(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = tiny(seed=1)
-    model.save_pretrained(tmp_path / "hf")
+    hf_gpt2.save(model, tmp_path / "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ours = Engine(model, 4, 11 + 16, "cpu").generate(PROMPTS, 16, temperature=0)
     for prompt, row in zip(PROMPTS, ours):
@@ -95,7 +96,7 @@ def test_stop_string_cuts_the_sample(trained):
 
 
 def test_int8_model_samples_on_cpu(trained):
-    res = subprocess.run([sys.executable, "quantize.py", "--ckpt", str(trained / "ckpt.pt"), "--mode", "int8"],
+    res = subprocess.run([sys.executable, "-m", "tools.quantize", "--ckpt", str(trained / "ckpt.pt"), "--mode", "int8"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     float_text = sample([f"--out_dir={trained}", "--start=ROMEO:", "--temperature=0", "--max_new_tokens=20",

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from lean_optim import LeanAdamW, dequantize_blockwise, quantize_blockwise, state_bytes, to_bf16_stochastic
+from sologpt.lean_optim import LeanAdamW, dequantize_blockwise, quantize_blockwise, state_bytes, to_bf16_stochastic
 from model import GPT, GPTConfig
 
 MODES = ("fp32", "bf16", "int8")

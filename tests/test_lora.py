@@ -1,6 +1,7 @@
-"""Tests for lora.py on tiny float32 GPTs: a fresh adapter changes nothing, only adapters train, merging keeps the
+"""sologpt/lora.py on tiny float32 GPTs: a fresh adapter changes nothing, only adapters train, merging keeps the
 outputs and restores the plain model's keys, adapter files round-trip and refuse the wrong base, target names,
-dropout, and a base layer without .weight (as a weight-only int8 Linear would be)."""
+dropout, and a base layer without .weight (as a weight-only int8 Linear would be); then LoRA runs in train.py
+(small checkpoints, exact resume, merge, sample and export)."""
 
 import io
 import math
@@ -11,9 +12,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import (LoRALinear, adapter_checkpoint, apply_lora, count_trainable, load_adapter, lora_config,
-                  lora_state_dict, merge_lora, read_adapter, resolve_targets)
+import sample as sample_mod
+import train as train_mod
+from conftest import bpe_flags, error_of, run_train as run
 from model import GPT, GPTConfig
+from sologpt import checkpoint, hf_gpt2, lora
+from sologpt.checkpoint import read as read_checkpoint
+from sologpt.configurator import load_config
+from sologpt.freeze import count_trainable
+from sologpt.lora import (LoRALinear, adapter_checkpoint, apply_lora, load_adapter, lora_config, lora_state_dict,
+                          merge_lora, read_adapter, resolve_targets)
+from tools import export as export_mod
 
 V = 64
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=V)
@@ -134,8 +143,8 @@ def test_merged_model_exports_to_hugging_face_format(tmp_path):
     model = randomize_adapters(_applied(make_model(), targets="all"))
     adapted = logits(model)
     merge_lora(model)
-    model.save_pretrained(tmp_path)
-    torch.testing.assert_close(logits(GPT.from_pretrained(tmp_path).eval()), adapted, atol=1e-5, rtol=1e-5)
+    hf_gpt2.save(model, tmp_path)
+    torch.testing.assert_close(logits(hf_gpt2.load(tmp_path).eval()), adapted, atol=1e-5, rtol=1e-5)
 
 
 # ---- adapter files ---------------------------------------------------------------------------------------
@@ -340,3 +349,66 @@ def test_adapter_from_a_float_base_loads_onto_its_int8_version():
     assert all(torch.equal(v, lora_state_dict(model)[k]) for k, v in lora_state_dict(quantized).items())
     assert not torch.allclose(logits(quantized), base_logits, atol=1e-3)
     torch.testing.assert_close(logits(quantized), logits(model), atol=0.2, rtol=0)  # up to int8 rounding
+
+
+# ---- LoRA runs in train.py: small checkpoints, exact resume, merge, sample, export ----------------------------
+
+def test_lora_run_small_checkpoint_exact_resume_merge_sample_export(gpt2_setup, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    root = gpt2_setup
+    lora_flags = ["--lora_rank=4", "--lora_alpha=8", "--lora_targets=attn,c_fc", "--lr_decay_iters=6", "--max_iters=6"]
+    run(bpe_flags(root, tmp_path / "a", *lora_flags))
+    ckpt_a = read_checkpoint(tmp_path / "a" / "ckpt.pt")
+    assert set(ckpt_a["model"]) == set()  # nothing but adapters trains in an LM LoRA run
+    adapter = ckpt_a["adapter"]["adapter"]
+    assert adapter and all(".lora_" in k for k in adapter)
+    full_bytes = sum(v.numel() * 4 for v in hf_gpt2.load(root / "gpt2").state_dict().values())
+    assert (tmp_path / "a" / "ckpt.pt").stat().st_size < full_bytes / 5  # adapters + their AdamW state only
+
+    # exact resume: 3 steps, stop, resume to 6 == 6 straight
+    run(bpe_flags(root, tmp_path / "b", *lora_flags[:-1], "--max_iters=3"))
+    run(bpe_flags(root, tmp_path / "b", *lora_flags, init="resume"))
+    ckpt_b = read_checkpoint(tmp_path / "b" / "ckpt.pt")
+    for k, v in adapter.items():
+        assert torch.equal(ckpt_b["adapter"]["adapter"][k], v), k
+
+    # merged model == base + adapters; sample.py and export.py load the adapter checkpoint
+    merged = checkpoint.load_model(ckpt_a)
+    unmerged = checkpoint.load_model(ckpt_a, merge=False)
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(merged.eval()(idx)[0], unmerged.eval()(idx)[0], rtol=1e-5, atol=1e-5)
+    base = hf_gpt2.load(root / "gpt2")
+    assert not torch.allclose(base.eval()(idx)[0], merged(idx)[0])  # the adapters did change the model
+    texts = sample_mod.sample(load_config(sample_mod.SampleConfig, [f"--out_dir={tmp_path / 'a'}", "--device=cpu",
+                                                                    "--num_samples=1", "--max_new_tokens=5"]))
+    assert len(texts) == 1
+    export_mod.export(load_config(export_mod.ExportConfig, [f"--out_dir={tmp_path / 'a'}",
+                                                            f"--hf_dir={tmp_path / 'hf'}",
+                                                            f"--merged_ckpt={tmp_path / 'm.pt'}"]))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ours = merged(idx)[0]
+        torch.testing.assert_close(hf(idx).logits[..., :50257], ours, rtol=1e-4, atol=1e-4)
+    m = checkpoint.load_model(read_checkpoint(tmp_path / "m.pt")).eval()
+    torch.testing.assert_close(m(idx)[0], ours, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_bad_input(gpt2_setup, tiny_flags, tmp_path, capsys):
+    root = gpt2_setup
+    err = error_of(train_mod.main, bpe_flags(root, tmp_path / "x", "--lora_rank=4", "--lora_targets=q_proj"), capsys)
+    assert "unknown LoRA target 'q_proj'" in err
+    err = error_of(train_mod.main, tiny_flags + ["--lora_rank=4"], capsys)
+    assert "adapts pretrained weights" in err
+
+
+def test_adapter_onto_a_base_of_another_shape_is_refused(gpt2_setup, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    root = gpt2_setup
+    run(bpe_flags(root, tmp_path / "a", "--lora_rank=2", "--max_iters=1"))
+    ckpt = read_checkpoint(tmp_path / "a" / "ckpt.pt")
+    other = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=48, n_positions=64,
+                                                                 vocab_size=50257))
+    other.save_pretrained(tmp_path / "other")
+    ckpt["init_source"] = str(tmp_path / "other")  # as if the base directory had been replaced
+    with pytest.raises(ValueError, match="n_embd=32, base has n_embd=48"):
+        checkpoint.load_model(ckpt)

@@ -4,14 +4,17 @@ memory estimate and report."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-import memory
+from sologpt import build, checks, memory, quantize
+from sologpt.batches import Windows
 import train as train_mod
-from configurator import load_config
+from sologpt.configurator import load_config
 from conftest import assert_resume_is_exact
-from model import GPT, GPTConfig, read_checkpoint
+from model import GPT, GPTConfig
+from sologpt.checkpoint import read as read_checkpoint
 
 
 def run(flags):
@@ -86,7 +89,6 @@ def test_lower_frozen_weights_bytes_and_outputs():
     ref = model(x)[0]
     model.transformer.h[0].requires_grad_(False)
     assert memory.lower_frozen_weights(model, "int8") == 4  # the 4 Linear layers of the frozen block
-    import quantize
     assert isinstance(model.transformer.h[0].mlp.c_fc, quantize.Int8Linear)
     assert type(model.transformer.h[1].mlp.c_fc) is torch.nn.Linear  # trainable: untouched
     torch.testing.assert_close(model(x)[0], ref, rtol=0.05, atol=0.05)
@@ -112,8 +114,9 @@ def test_auto_batch_keeps_sequences_per_step(monkeypatch, capsys):
     cfg = train_mod.TrainConfig(device="cpu", block_size=16, batch_size="auto", auto_batch_sequences=8)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=32))
-    micro, accum = memory.auto_batch_size(model, cfg, torch.autocast("cpu", enabled=False))
-    assert (micro, accum) == (3, 3)  # 8 sequences: 3 micro-batches of 3 (9 >= 8)
+    source = Windows(np.arange(200, dtype=np.uint16) % 32, cfg, torch.Generator().manual_seed(0))
+    micro, accum = memory.auto_batch_size(model, model, source, cfg, torch.autocast("cpu", enabled=False))
+    assert (micro, accum) == (3, 3) == (cfg.batch_size, cfg.gradient_accumulation_steps)  # 8 sequences: 3 x 3
     assert "largest micro-batch that fits is 3" in capsys.readouterr().out
     assert all(p.grad is None for p in model.parameters())  # the probes leave nothing behind
 
@@ -150,7 +153,7 @@ def test_memory_estimate_and_report(tiny_flags, tmp_path, capsys):
     assert m["peak_alloc_gib"] > 0 and m["peak_reserved_gib"] >= m["peak_alloc_gib"]
     cfg = load_config(train_mod.TrainConfig, ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=16",
                                               "--batch_size=2", "--device=cpu"])
-    train_mod.resolve(cfg)
+    checks.resolve(cfg)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     full, _ = memory.estimate(model, cfg)
     cfg.optim_state, cfg.grad_checkpointing = "int8", 1
@@ -171,8 +174,7 @@ def test_memory_switch_errors(tiny_flags, capsys, flags, message):
 
 
 def test_float16_skipped_steps_are_counted_and_logged(tiny_flags, tmp_path, monkeypatch, capsys):
-    import finetune
-    real_freeze = finetune.freeze
+    real_freeze = build.freeze
     calls = {"n": 0}
 
     def freeze_and_poison(model, *args):  # the 3rd backward overflows, as a too-large loss scale would
@@ -182,7 +184,7 @@ def test_float16_skipped_steps_are_counted_and_logged(tiny_flags, tmp_path, monk
         model.transformer.ln_f.weight.register_hook(hook)
         return real_freeze(model, *args)
 
-    monkeypatch.setattr(finetune, "freeze", freeze_and_poison)
+    monkeypatch.setattr(build, "freeze", freeze_and_poison)
     run(tiny_flags + ["--max_iters=5", "--dtype=float16", "--eval_interval=5"])
     out = capsys.readouterr().out
     assert "1 skipped steps" in out

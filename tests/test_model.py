@@ -1,13 +1,14 @@
 """Tests for model.py on tiny float32 models: shapes and loss, causality, the two attention paths agreeing,
 the KV cache matching a full forward, sampling, GPT-2 init, parameter and FLOP counts, crop_block_size,
-Hugging Face GPT-2 import/export, and read_checkpoint's errors."""
+vocabulary padding, and the two GPTConfig training options (grad_checkpointing, residual_bf16)."""
 
 import math
 
 import pytest
 import torch
 
-from model import CKPT_FORMAT_VERSION, GPT, GPTConfig, KVCache, read_checkpoint, sample_next
+from model import GPT, GPTConfig, KVCache, sample_next
+from sologpt import checkpoint
 
 V = 64  # vocabulary of the tiny models
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=V, dropout=0.0)
@@ -296,162 +297,6 @@ def test_crop_block_size():
     assert torch.equal(out, model.generate(rand_ids(2, 6), 6, temperature=0, use_cache=False))
 
 
-# ---- 9. Hugging Face GPT-2 import and export --------------------------------------------------------
-
-@pytest.fixture
-def hf_gpt2():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=100)
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # HF init leaves biases and LayerNorms at 0 and 1: make every tensor matter
-        for p in hf.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return hf
-
-
-def hf_logits(hf, idx):
-    with torch.no_grad():
-        return hf(idx).logits
-
-
-def test_from_pretrained_safetensors(hf_gpt2, tmp_path):
-    hf_gpt2.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").is_file()
-    model = GPT.from_pretrained(tmp_path).eval()
-    assert (model.config.block_size, model.config.vocab_size, model.config.n_layer) == (32, 100, 2)
-    idx = rand_ids(2, 32, vocab=100)
-    with torch.no_grad():
-        ours = model(idx)[0]
-    torch.testing.assert_close(ours, hf_logits(hf_gpt2, idx), atol=1e-5, rtol=0)
-    # overrides change non-shape fields
-    assert GPT.from_pretrained(tmp_path, attn_impl="math").config.attn_impl == "math"
-
-
-@pytest.mark.parametrize("names", ["GPT2LMHeadModel", "GPT2Model"])  # with and without the "transformer." prefix
-def test_from_pretrained_pytorch_bin(hf_gpt2, tmp_path, names):
-    try:
-        hf_gpt2.save_pretrained(tmp_path, safe_serialization=False)  # transformers 5 ignores the flag
-    except TypeError:  # a transformers that dropped the option
-        hf_gpt2.config.save_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").unlink(missing_ok=True)
-    sd = hf_gpt2.state_dict() if names == "GPT2LMHeadModel" else hf_gpt2.transformer.state_dict()
-    torch.save(sd, tmp_path / "pytorch_model.bin")
-    model = GPT.from_pretrained(tmp_path).eval()
-    idx = rand_ids(2, 20, vocab=100)
-    with torch.no_grad():
-        ours = model(idx)[0]
-    torch.testing.assert_close(ours, hf_logits(hf_gpt2, idx), atol=1e-5, rtol=0)
-
-
-def test_save_pretrained_loads_in_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    model = perturb(make_model(vocab_size=100, block_size=32))
-    model.save_pretrained(tmp_path)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    idx = rand_ids(2, 32, vocab=100)
-    with torch.no_grad():
-        ours = model(idx)[0]
-    torch.testing.assert_close(hf_logits(hf, idx), ours, atol=1e-5, rtol=0)
-    # and the round trip through our own loader is exact
-    again = GPT.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(again(idx)[0], ours)
-
-
-def test_save_pretrained_refuses_no_bias(tmp_path):
-    with pytest.raises(ValueError, match="bias"):
-        make_model(bias=False).save_pretrained(tmp_path)
-
-
-def _edit_safetensors(path, edit):
-    from safetensors.torch import load_file, save_file
-    f = path / "model.safetensors"
-    tensors = load_file(f)
-    edit(tensors)
-    save_file(tensors, f, metadata={"format": "pt"})
-
-
-def test_from_pretrained_missing_tensor(hf_gpt2, tmp_path):
-    hf_gpt2.save_pretrained(tmp_path)
-    _edit_safetensors(tmp_path, lambda t: t.pop("transformer.h.1.mlp.c_fc.weight"))
-    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.weight is missing"):
-        GPT.from_pretrained(tmp_path)
-
-
-def test_from_pretrained_misshaped_tensor(hf_gpt2, tmp_path):
-    hf_gpt2.save_pretrained(tmp_path)
-
-    def shrink(t):
-        t["transformer.h.0.attn.c_proj.bias"] = t["transformer.h.0.attn.c_proj.bias"][:16].clone()
-
-    _edit_safetensors(tmp_path, shrink)
-    with pytest.raises(ValueError, match=r"h\.0\.attn\.c_proj\.bias has shape \(16,\), expected \(32,\)"):
-        GPT.from_pretrained(tmp_path)
-
-
-def test_from_pretrained_needs_config_and_weights(hf_gpt2, tmp_path):
-    hf_gpt2.save_pretrained(tmp_path)
-    (tmp_path / "config.json").unlink()
-    with pytest.raises(ValueError, match="config.json"):
-        GPT.from_pretrained(tmp_path)
-    hf_gpt2.config.save_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(ValueError, match="model.safetensors or pytorch_model.bin"):
-        GPT.from_pretrained(tmp_path)
-
-
-# ---- 10. read_checkpoint ----------------------------------------------------------------------------
-
-def _checkpoint(model):
-    return {"format_version": CKPT_FORMAT_VERSION, "model_config": model.config_dict(), "model": model.state_dict(),
-            "iter_num": 3, "best_val_loss": 1.5}
-
-
-def test_read_checkpoint_roundtrip(tmp_path):
-    model = perturb(make_model())
-    torch.save(_checkpoint(model), tmp_path / "ckpt.pt")
-    ckpt = read_checkpoint(tmp_path / "ckpt.pt")
-    assert ckpt["iter_num"] == 3
-    again = GPT.from_checkpoint(ckpt).eval()
-    idx = rand_ids(1, 8)
-    assert torch.equal(again(idx)[0], model(idx)[0])
-
-
-def test_read_checkpoint_missing(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        read_checkpoint(tmp_path / "nope.pt")
-
-
-def test_read_checkpoint_truncated(tmp_path):
-    f = tmp_path / "ckpt.pt"
-    torch.save(_checkpoint(make_model()), f)
-    data = f.read_bytes()
-    f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="corrupt or truncated"):
-        read_checkpoint(f)
-
-
-def test_read_checkpoint_random_bytes(tmp_path):
-    f = tmp_path / "ckpt.pt"
-    f.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()))
-    with pytest.raises(ValueError, match="corrupt or truncated"):
-        read_checkpoint(f)
-
-
-def test_read_checkpoint_wrong_format(tmp_path):
-    f = tmp_path / "ckpt.pt"
-    ckpt = _checkpoint(make_model())
-    del ckpt["format_version"]
-    torch.save(ckpt, f)
-    with pytest.raises(ValueError, match="not a sologpt checkpoint"):
-        read_checkpoint(f)
-    torch.save([1, 2, 3], f)
-    with pytest.raises(ValueError, match="not a sologpt checkpoint"):
-        read_checkpoint(f)
-
-
 # ---- vocabulary padding ------------------------------------------------------------------------------------
 
 def test_vocab_padding_computes_the_same_function():
@@ -479,37 +324,19 @@ def test_vocab_padding_computes_the_same_function():
     assert torch.equal(out_a, padded.generate(idx[:, :4], 8, temperature=0))
 
 
-def test_vocab_padding_with_gpt2_import_and_export(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32,
-                                                              vocab_size=100)).eval()
-    hf.save_pretrained(tmp_path / "hf")
-    ours = GPT.from_pretrained(tmp_path / "hf", vocab_pad_multiple=64).eval()
-    assert ours.transformer.wte.weight.shape == (128, 32)
-    idx = torch.randint(100, (2, 20))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=1e-4)
-    ours.save_pretrained(tmp_path / "out")  # exported without the padding rows
-    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
-    assert back.transformer.wte.weight.shape == (100, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(back(idx).logits, hf(idx).logits, atol=1e-5, rtol=1e-4)
-
-
 def test_residual_bf16_makes_the_stream_bf16_under_bf16_autocast_only():
     """residual_bf16 changes the dtype of what flows between blocks (float32 -> bf16 under bf16 autocast) and
     nothing else: loss and gradients stay within bf16 rounding of the float32 stream; without autocast it does
     nothing."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=128))
+    plain = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=128))
+    models = {False: plain, True: twin(plain, residual_bf16=True)}
     x, y = torch.randint(0, 128, (4, 32)), torch.randint(0, 128, (4, 32))
     seen = []
-    model.transformer.h[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
     results = {}
     for flag in (False, True):
-        model.residual_bf16 = flag
-        model.zero_grad()
+        model = models[flag]
+        model.transformer.h[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, loss = model(x, y)
         loss.backward()
@@ -518,8 +345,7 @@ def test_residual_bf16_makes_the_stream_bf16_under_bf16_autocast_only():
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-2)
     g0, g1 = results[False][1], results[True][1]
     assert torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.99
-    assert model.transformer.wte.weight.grad.dtype == torch.float32  # the parameters and their grads stay float32
-    model.residual_bf16 = True
-    plain = model(x, y)[1]  # no autocast: float32 throughout
-    model.residual_bf16 = False
-    assert torch.equal(plain, model(x, y)[1])
+    assert models[True].transformer.wte.weight.grad.dtype == torch.float32  # parameters and grads stay float32
+    assert torch.equal(models[True](x, y)[1], plain(x, y)[1])  # no autocast: float32 throughout, the same loss
+    assert "residual_bf16" not in checkpoint.model_config(plain)  # off: left out of checkpoints, as before
+    assert checkpoint.model_config(models[True])["residual_bf16"] is True

@@ -1,4 +1,5 @@
-"""quantize.py: the rounding, the layers, whole models, checkpoints, the command line and QAT, on tiny CPU models."""
+"""sologpt/quantize.py and tools/quantize.py: the rounding, the layers, whole models, quantized checkpoints, the
+command line and QAT, on tiny CPU models."""
 
 import subprocess
 import sys
@@ -8,9 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import quantize as q
+from sologpt import checkpoint, quantize
+from sologpt import quantize as q
+from tools import quantize as quantize_cli
 from conftest import REPO
-from model import CKPT_FORMAT_VERSION, GPT, GPTConfig
+from model import GPT, GPTConfig
+from sologpt.checkpoint import FORMAT_VERSION as CKPT_FORMAT_VERSION
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=64)
 
@@ -169,17 +173,17 @@ def test_untied_head_checkpoints_old_and_new(tmp_path):
     """A new file quantizes the untied head and rebuilds it; a file written before heads were quantized (its
     skip says lm_head) still rebuilds with a float head; QAT fake-quantizes the head that quantize_model rounds."""
     model = tiny_gpt(tie_embeddings=False)
-    qckpt = q.quantized_checkpoint(float_ckpt(model), "int8")
+    qckpt = checkpoint.quantized(float_ckpt(model), "int8")
     assert qckpt["quantization"]["skip"] == [] and "lm_head.scale" in qckpt["model"]
     torch.save(qckpt, tmp_path / "q.pt")
-    loaded = q.load_quantized_model(torch.load(tmp_path / "q.pt", weights_only=True)).eval()
+    loaded = checkpoint.load_model(torch.load(tmp_path / "q.pt", weights_only=True)).eval()
     assert torch.equal(loaded(tokens())[0], q.quantize_model(tiny_gpt(tie_embeddings=False), "int8")(tokens())[0])
-    old = q.quantized_checkpoint(float_ckpt(model), "int8", skip=("lm_head",))
-    assert type(q.load_quantized_model(old).lm_head) is nn.Linear
+    old = checkpoint.quantized(float_ckpt(model), "int8", skip=("lm_head",))
+    assert type(checkpoint.load_model(old).lm_head) is nn.Linear
     # an older file, written before heads were quantized: no "head" marker, any skip list, a float head
-    older = q.quantized_checkpoint(float_ckpt(model), "int8", skip=("lm_head", "c_proj"))
+    older = checkpoint.quantized(float_ckpt(model), "int8", skip=("lm_head", "c_proj"))
     older["quantization"] = {"mode": "int8", "group_size": None, "skip": ["c_proj"]}
-    rebuilt = q.load_quantized_model(older)
+    rebuilt = checkpoint.load_model(older)
     assert type(rebuilt.lm_head) is nn.Linear and type(rebuilt.transformer.h[0].attn.c_proj) is nn.Linear
     saved = q.state_dict_bytes(old["model"]) - q.state_dict_bytes(qckpt["model"])
     assert saved == 64 * 64 * (4 - 1) - 64 * 4  # the head's float32 weight -> int8 plus one float32 scale per row
@@ -193,21 +197,20 @@ def test_untied_head_checkpoints_old_and_new(tmp_path):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_checkpoint_round_trip_weights_only(mode, tmp_path):
     model = tiny_gpt()
-    qckpt = q.quantized_checkpoint(float_ckpt(model), mode, group_size=32, skip=("lm_head", "h.0.mlp.c_fc"))
+    qckpt = checkpoint.quantized(float_ckpt(model), mode, group_size=32, skip=("lm_head", "h.0.mlp.c_fc"))
     assert "optimizer" not in qckpt and "rng" not in qckpt and qckpt["iter_num"] == 10
-    assert qckpt["quantization"]["mode"] == mode and q.is_quantized(qckpt)
+    assert qckpt["quantization"]["mode"] == mode and "quantization" in qckpt
     torch.save(qckpt, tmp_path / "q.pt")
     loaded = torch.load(tmp_path / "q.pt", weights_only=True)
-    qmodel = q.load_quantized_model(loaded).eval()
+    qmodel = checkpoint.load_model(loaded).eval()
     assert type(qmodel.transformer.h[0].mlp.c_fc) is nn.Linear  # skip is restored too
     expected = q.quantize_model(model, mode, group_size=32, skip=("lm_head", "h.0.mlp.c_fc"))
     idx = tokens()
     assert torch.equal(qmodel(idx)[0], expected(idx)[0])
     assert set(qmodel.state_dict()) == set(qckpt["model"])
-    with pytest.raises(ValueError, match="not quantized"):
-        q.load_quantized_model(float_ckpt(tiny_gpt()))
+    assert type(checkpoint.load_model(float_ckpt(tiny_gpt())).lm_head) is nn.Linear  # one loader for every kind
     with pytest.raises(ValueError, match="already quantized"):
-        q.quantized_checkpoint(qckpt, "int4", group_size=32)
+        checkpoint.quantized(qckpt, "int4", group_size=32)
 
 
 def test_checkpoint_sizes(tmp_path):
@@ -215,8 +218,8 @@ def test_checkpoint_sizes(tmp_path):
     model = tiny_gpt(n_embd=128)
     ckpt = {k: v for k, v in float_ckpt(model).items() if k != "optimizer"}  # compare the weights, not Adam's state
     sizes = {}
-    for name, c in [("fp32", ckpt), ("int8", q.quantized_checkpoint(ckpt, "int8")),
-                    ("int4", q.quantized_checkpoint(ckpt, "int4", group_size=128))]:
+    for name, c in [("fp32", ckpt), ("int8", checkpoint.quantized(ckpt, "int8")),
+                    ("int4", checkpoint.quantized(ckpt, "int4", group_size=128))]:
         torch.save(c, tmp_path / f"{name}.pt")
         sizes[name] = (tmp_path / f"{name}.pt").stat().st_size
     assert sizes["int8"] < 0.4 * sizes["fp32"]
@@ -226,7 +229,7 @@ def test_checkpoint_sizes(tmp_path):
 # ---- command line ----------------------------------------------------------------------------------------
 
 def run_cli(*args):
-    res = subprocess.run([sys.executable, "quantize.py", *map(str, args)], cwd=REPO, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "tools.quantize", *map(str, args)], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     return res.returncode, res.stdout, res.stderr.strip()
 
@@ -238,7 +241,7 @@ def test_cli_writes_a_loadable_file_and_refuses_bad_input(tmp_path):
     assert rc == 0, err
     dst = tmp_path / "ckpt_int4.pt"
     assert "MB ->" in out and "model weights" in out and not (tmp_path / "ckpt_int4.pt.tmp").exists()
-    model = q.load_quantized_model(torch.load(dst, weights_only=True))
+    model = checkpoint.load_model(torch.load(dst, weights_only=True))
     assert q.quantization_mode(model) == "int4"
 
     rc, out, err = run_cli("--ckpt", dst, "--mode", "int8")  # already quantized
@@ -253,7 +256,7 @@ def test_cli_writes_a_loadable_file_and_refuses_bad_input(tmp_path):
 
 def cli_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
-        q.main([str(a) for a in argv])
+        quantize_cli.main([str(a) for a in argv])
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
@@ -272,8 +275,8 @@ def test_cli_errors_in_process(tmp_path, capsys):
     assert "invalid choice: 'int3'" in cli_error(["--ckpt", src, "--mode", "int3"], capsys)
     assert "folder of --out" in cli_error(["--ckpt", src, "--mode", "int8", "--out", tmp_path / "no" / "x.pt"],
                                           capsys)
-    q.main(["--ckpt", str(src), "--mode", "int8", "--out", str(tmp_path / "small.pt")])
-    assert q.is_quantized(torch.load(tmp_path / "small.pt", weights_only=True))
+    quantize_cli.main(["--ckpt", str(src), "--mode", "int8", "--out", str(tmp_path / "small.pt")])
+    assert "quantization" in torch.load(tmp_path / "small.pt", weights_only=True)
 
 
 # ---- quantization-aware training -------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import sample as sample_mod
-from configurator import load_config
+from sologpt.configurator import load_config
 from conftest import REPO
 
 

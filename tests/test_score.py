@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import quantize
-import score as score_mod
-from configurator import load_config
+from sologpt import checkpoint, quantize
+from tools import score as score_mod
+from sologpt.configurator import load_config
 from conftest import REPO, SHAKESPEARE
-from model import CKPT_FORMAT_VERSION, GPT, GPTConfig
+from model import GPT, GPTConfig
+from sologpt.checkpoint import FORMAT_VERSION as CKPT_FORMAT_VERSION
 
 TEXT = SHAKESPEARE.read_text(encoding="utf-8")[:3000]
 
@@ -22,7 +23,7 @@ TEXT = SHAKESPEARE.read_text(encoding="utf-8")[:3000]
 def write_run(folder, model, meta):
     """An out_dir as train.py leaves it, minus the training state score.py never reads."""
     folder.mkdir(parents=True, exist_ok=True)
-    ckpt = {"format_version": CKPT_FORMAT_VERSION, "model_config": model.config_dict(), "model": model.state_dict(),
+    ckpt = {"format_version": CKPT_FORMAT_VERSION, "model_config": checkpoint.model_config(model), "model": model.state_dict(),
             "train_config": {"data_root": str(folder / "no-data"), "dataset": "none"}}
     torch.save(ckpt, folder / "ckpt.pt")
     (folder / "meta.json").write_text(json.dumps(meta))
@@ -77,7 +78,7 @@ def test_one_window_equals_a_direct_forward(char_run):
 
 def test_strided_equals_brute_force_per_token(char_run):
     _, _, model, _ = char_run
-    model = GPT(GPTConfig(**{**model.config_dict(), "block_size": 16})).eval()
+    model = GPT(GPTConfig(**{**checkpoint.model_config(model), "block_size": 16})).eval()
     ids = torch.randint(0, model.config.vocab_size, (60,)).tolist()
     bs = 16
     # stride 1: every token sees min(j, block_size) tokens before it, the most the model can take
@@ -157,7 +158,7 @@ def test_bits_per_char_of_a_uniform_model(tmp_path, char_run):
 def test_quantized_checkpoint_scores_close_to_float(char_run, tmp_path):
     out, ckpt, _, text = char_run
     qpath = out / "ckpt_int8.pt"  # beside meta.json, as quantize.py writes it
-    torch.save(quantize.quantized_checkpoint(ckpt, "int8"), qpath)
+    torch.save(checkpoint.quantized(ckpt, "int8"), qpath)
     base = run_score([f"--out_dir={out}", f"--input={text}"])
     q = run_score([f"--ckpt={qpath}", f"--input={text}"])
     assert q["perplexity"] == pytest.approx(base["perplexity"], rel=1e-2)
@@ -175,7 +176,7 @@ def error_line(argv, capsys):
 
 def test_errors(char_run, tmp_path, capsys):
     out, _, _, text = char_run
-    res = subprocess.run([sys.executable, "score.py", f"--out_dir={out}", f"--input={tmp_path / 'nope.txt'}"],
+    res = subprocess.run([sys.executable, "-m", "tools.score", f"--out_dir={out}", f"--input={tmp_path / 'nope.txt'}"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: cannot read --input") and "nope.txt" in res.stderr

@@ -11,7 +11,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-import tokenizer
+from sologpt import tokenizer
 from prepare import text as prep
 from prepare.clean import CLEAN_RULES, Limits, WORD, clean, mean_word_length, quality_problem
 from prepare.common import decode_text

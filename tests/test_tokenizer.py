@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-import tokenizer
-from tokenizer import CharTokenizer, TiktokenTokenizer, TokenizerError, from_meta, load_meta, read_extra_tokens
+from sologpt import tokenizer
+from sologpt.tokenizer import CharTokenizer, TiktokenTokenizer, TokenizerError, from_meta, load_meta, read_extra_tokens
 
 from conftest import SHARED
 

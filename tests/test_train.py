@@ -13,10 +13,13 @@ import pytest
 import torch
 
 import train as train_mod
-from configurator import load_config
+from sologpt.configurator import load_config
 from conftest import REPO
-from model import GPT, GPTConfig, read_checkpoint
-from train import TrainConfig, get_batch, get_lr, save_checkpoint
+from model import GPT, GPTConfig
+from sologpt.checkpoint import read as read_checkpoint
+from sologpt import batches, checkpoint, checks, hardware
+from sologpt.batches import get_batch
+from train import TrainConfig, get_lr
 
 
 def run(flags):
@@ -172,7 +175,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_flags, tmp_path, mon
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, {"format_version": 1, "x": torch.ones(3)})
+    checkpoint.save(path, {"format_version": 1, "x": torch.ones(3)})
 
     def dies_halfway(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 half a zip")
@@ -180,7 +183,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(Exception, match="No space left"):
-        save_checkpoint(path, {"format_version": 1, "x": torch.zeros(3)})
+        checkpoint.save(path, {"format_version": 1, "x": torch.zeros(3)})
     monkeypatch.undo()
     assert torch.equal(read_checkpoint(path)["x"], torch.ones(3))
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
@@ -287,11 +290,11 @@ def test_attention_backend_switch(capsys):
                      b.math_sdp_enabled())
     before = flags()
     try:
-        train_mod.set_attention_backend("cudnn")
+        hardware.set_attention_backend("cudnn")
         assert flags() == (False, True, False, True)  # only cuDNN, with math as the fallback for masked calls
-        train_mod.set_attention_backend("flash")
+        hardware.set_attention_backend("flash")
         assert flags() == (True, False, False, True)
-        train_mod.set_attention_backend("auto")  # leaves PyTorch's choice alone
+        hardware.set_attention_backend("auto")  # leaves PyTorch's choice alone
         assert flags() == (True, False, False, True)
     finally:
         b.enable_flash_sdp(before[0]), b.enable_cudnn_sdp(before[1]), b.enable_mem_efficient_sdp(before[2])
@@ -341,12 +344,12 @@ def test_best_only_saves_on_improvement_and_metrics_are_cut_on_resume(tiny_flags
     vals = iter([3.0, 2.0, 2.5, 1.5, 9.9])  # val losses of the evaluations at steps 0, 2, 4, 6, then resumed 4
 
     def fake_estimate_loss(model, splits, cfg, ctx):
-        return {"train": 1.0, "val": next(vals)}
+        return {"train_loss": 1.0, "val_loss": next(vals)}
 
-    monkeypatch.setattr(train_mod, "estimate_loss", fake_estimate_loss)
+    monkeypatch.setattr(batches, "estimate_loss", fake_estimate_loss)
     saved = []
-    real_save = train_mod.save_checkpoint
-    monkeypatch.setattr(train_mod, "save_checkpoint", lambda p, s: (saved.append(s["iter_num"]), real_save(p, s)))
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda p, s: (saved.append(s["iter_num"]), real_save(p, s)))
     flags = tiny_flags + ["--always_save_checkpoint=False", "--eval_interval=2", "--max_iters=6"]
     run(flags)
     assert saved == [0, 2, 6]  # not 4, where val got worse
@@ -433,7 +436,7 @@ def test_cuda_graphs_need_cuda(tiny_flags, capsys):
     assert "cuda_graphs=True needs device cuda" in run_main_error(tiny_flags + ["--cuda_graphs=True"], capsys)
     assert "cuda_graphs='yes' is unknown" in run_main_error(tiny_flags + ["--cuda_graphs=yes"], capsys)
     cfg = load_config(TrainConfig, tiny_flags + ["--cuda_graphs=auto"])
-    train_mod.resolve(cfg)
+    checks.resolve(cfg)
     assert cfg.cuda_graphs is False  # auto on a CPU: off
 
 

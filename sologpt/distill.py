@@ -1,11 +1,10 @@
-"""Knowledge distillation: train a student GPT toward a frozen teacher's soft labels as well as the data.
+"""Knowledge distillation (train.py: teacher = "out-big/ckpt.pt"): train a student GPT toward a frozen teacher's
+soft labels as well as the data. The student is wrapped once at setup; the training step calls the wrapper as it
+would the model:
 
     teacher = load_teacher("out-big/ckpt.pt", device, vocab_size=student_vocab, block_size=student_block)
-    with torch.no_grad(), ctx:
-        teacher_logits, _ = teacher(x)
-    with ctx:
-        student_logits, _ = model(x)
-    loss, parts = distill_loss(student_logits, teacher_logits, y, alpha=0.5, temperature=2.0)
+    loss_model = Distill(student, teacher, alpha=0.5, temperature=2.0)
+    logits, loss = loss_model(x, y)  # alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE
 
 The teacher's full next-token distribution carries more than the one observed token: which other tokens were
 plausible and how much ("dark knowledge", Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural
@@ -18,9 +17,43 @@ GPT-2's 50257; the teacher's forward costs no activations for backward (no_grad)
 
 from pathlib import Path
 
+import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune import start_model
+from sologpt.checkpoint import load_source
+
+
+def check(cfg):
+    if cfg.teacher and (cfg.task != "lm" or not Path(cfg.teacher).exists()):
+        raise ValueError(f"teacher={cfg.teacher!r} must be an existing checkpoint file or GPT-2 directory, "
+                         f"with task 'lm'")
+    if not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_temperature <= 0:
+        raise ValueError("distill_alpha must be in [0, 1] and distill_temperature above 0")
+
+
+class Distill(nn.Module):
+    """The student with the distillation loss: forward(x, y) -> (student logits, mixed loss) in training. In
+    evaluation (model.eval()) it is the student alone, so val loss is comparable with runs without a teacher.
+    The teacher stays in eval mode (no dropout) and frozen whatever mode the wrapper is put in."""
+
+    def __init__(self, student, teacher, alpha, temperature):
+        super().__init__()
+        self.student, self.teacher, self.alpha, self.temperature = student, teacher, alpha, temperature
+
+    def forward(self, idx, targets=None):
+        logits, loss = self.student(idx, targets)
+        if not self.training or targets is None:
+            return logits, loss
+        with torch.no_grad():
+            teacher_logits, _ = self.teacher(idx)
+        loss, _ = distill_loss(logits, teacher_logits, targets, self.alpha, self.temperature)
+        return logits, loss
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
 
 
 def load_teacher(source, device, vocab_size, block_size):
@@ -29,7 +62,7 @@ def load_teacher(source, device, vocab_size, block_size):
     it cannot teach a student of this vocab_size and block_size."""
     if not Path(source).exists():
         raise ValueError(f"teacher {source} does not exist: give a sologpt checkpoint file or a GPT-2 directory")
-    teacher = start_model(source, allow_quantized=True)  # a directory loads as GPT-2, a file as a sologpt checkpoint
+    teacher = load_source(source)  # a directory loads as GPT-2, a file as a sologpt checkpoint of any kind
     c = teacher.config
     if c.n_classes > 0:
         raise ValueError(f"teacher {source} is a classifier: distillation needs a language model teacher")

@@ -12,7 +12,9 @@ with one line that says what is wrong and how to fix it.
 import ast
 import dataclasses
 import difflib
+import inspect
 import runpy
+import sys
 import types
 import typing
 from pathlib import Path
@@ -57,7 +59,6 @@ def load_config(cls, argv):
 def run_cli(fn, cls, argv=None):
     """A script's main(): fn(load_config(cls, argv)), argv defaulting to the command line; a UserError prints
     one line, "error: ...", and exits with status 1."""
-    import sys
     try:
         return fn(load_config(cls, sys.argv[1:] if argv is None else argv))
     except UserError as e:
@@ -68,7 +69,6 @@ def run_cli(fn, cls, argv=None):
 def help_text(cls):
     """The fields of a config dataclass as the source writes them (name, type, default, comment), section
     comments included: the class body is the documentation."""
-    import inspect
     lines = inspect.getsource(cls).splitlines()
     body = [line.strip() for line in lines
             if line.strip() and not line.strip().startswith(('"""', "@", "class "))]
@@ -113,45 +113,10 @@ def _allowed(typ):
     return typing.get_args(typ) if union else (typ,)
 
 
-def resolve_device(device, dtype):
-    """Turn "auto" into a real device and dtype and check both; returns (device, device_type, dtype).
-    auto device: cuda, then mps, then cpu. auto dtype: bfloat16 on CUDA GPUs that have it, else float16
-    (which needs loss scaling when training); float32 elsewhere."""
-    import torch  # here, so that loading a config stays cheap
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device_type, _, index = device.partition(":")
-    if device_type not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
-        raise UserError(f"device={device!r} is unknown: use auto, cpu, cuda, cuda:N or mps")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={device!r} but this torch sees no CUDA GPU: use --device=cpu (or auto)")
-    if device_type == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise UserError(f"device={device!r} but there are only {torch.cuda.device_count()} CUDA GPUs")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device={device!r} but MPS (Apple GPU) is not available: use --device=cpu (or auto)")
-    if dtype == "auto":
-        if device_type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"dtype={dtype!r} is unknown: use auto, float32, bfloat16 or float16")
-    return device, device_type, dtype
-
-
 def print_config(cfg, title):
     print(f"{title}:")
     for key, value in dataclasses.asdict(cfg).items():
         print(f"  {key} = {value!r}")
-
-
-def autocast_context(device_type, dtype):
-    """Mixed precision for the forward pass: autocast to bfloat16/float16, or nothing for float32."""
-    import torch
-    from contextlib import nullcontext
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type, dtype=getattr(torch, dtype))
 
 
 def resolve_auto_bool(key, value, auto_value):

@@ -92,6 +92,18 @@ def _device_and_dtype(base):
     return device, floats[0] if floats else torch.get_default_dtype()
 
 
+def check(cfg):
+    if cfg.lora_rank < 0:
+        raise ValueError(f"lora_rank={cfg.lora_rank} must not be negative")
+    if cfg.lora_rank and cfg.init_from == "scratch":
+        raise ValueError("lora_rank > 0 adapts pretrained weights: set init_from to a GPT-2 directory or a checkpoint")
+    if cfg.lora_rank:
+        try:
+            resolve_targets(cfg.lora_targets)
+        except ValueError as e:
+            raise ValueError(f"lora_targets: {e}")
+
+
 def resolve_targets(targets):
     """Target names and groups (a list, or one comma-separated string as a CLI flag gives) -> names of TARGETS,
     each once, in block order."""

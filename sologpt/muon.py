@@ -22,6 +22,14 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan et al. 2024: a quintic that pushes singular values towards 1
 
 
+def check(cfg):
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise ValueError(f"optimizer={cfg.optimizer!r} is unknown: use 'adamw' or 'muon'")
+    if cfg.optimizer == "muon" and (cfg.lora_rank or cfg.optim_state != "fp32"):
+        raise ValueError("optimizer='muon' trains whole matrices with its own fp32 momentum: it cannot be combined "
+                         "with lora_rank or optim_state; use optimizer='adamw' for those")
+
+
 def orthogonalize(m, steps=5, eps=1e-7):
     """The nearest orthogonal matrix U V^T to m = U S V^T, approximately: Newton-Schulz iterations of the odd
     polynomial X <- aX + b(XX^T)X + c(XX^T)^2 X, which drive every singular value of X towards 1 (to about

@@ -1,24 +1,29 @@
 """Training-speed benchmark on one GPU: tokens/s, ms/step, model TFLOP/s, MFU and peak memory.
 
-    python bench.py                                  # GPT-2 124M shape, micro-batches 12, 16 and 32
-    python bench.py --batch_sizes 12 --hf            # also transformers' GPT2LMHeadModel, same shape, same process
-    python bench.py --attn_backend cudnn             # any lever below, to compare against the default
-    python bench.py --recipe config/shakespeare_char.py --target 1.47   # time a train.py recipe to a val loss
+    python -m bench.speed                            # GPT-2 124M shape, micro-batches 12, 16 and 32
+    python -m bench.speed --batch_sizes 12 --hf      # also transformers' GPT2LMHeadModel, same shape, same process
+    python -m bench.speed --attn_backend cudnn       # any lever below, to compare against the default
+    python -m bench.speed --recipe config/shakespeare_char.py --target 1.47   # time a recipe to a val loss
 
-Synthetic data (random token ids): the step costs the same as on real text. Each step is the one train.py runs:
-autocast forward, backward, clip, fused AdamW step. MFU counts 6 FLOPs per parameter per token plus attention
+Synthetic data (random token ids): the step costs the same as on real text. Each step is train.py's train_step
+(autocast forward, backward, clip, fused AdamW step), replayed as a CUDA graph with --cuda_graphs as train.py does. MFU counts 6 FLOPs per parameter per token plus attention
 (model.flops_per_token) against the card's dense bf16 peak: a known card's datasheet figure, else a measured
 8192^3 bf16 matmul.
 """
 
 import argparse
+import functools
 import subprocess
 import sys
 import time
 
 import torch
 
+import train
 from model import GPT, GPTConfig
+from sologpt import fp8, hardware
+from sologpt.chunked_ce import ChunkedLoss
+from sologpt.cuda_graph import GraphedStep
 
 
 def measured_matmul_peak(device, n=8192, reps=20):
@@ -46,19 +51,31 @@ def time_steps(step, warmup, steps):
     return (time.perf_counter() - t) / steps
 
 
-def bench_model(name, model, flops_per_token, args, batch_size, hf=False):
+class HFLoss(torch.nn.Module):
+    """transformers' GPT2LMHeadModel behind train_step's interface: forward(x, y) -> (logits, loss)."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x, y):
+        logits = self.hf(input_ids=x).logits
+        return logits, torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.reshape(-1))
+
+
+def bench_model(name, model, flops_per_token, args, batch_size, loss_model=None):
     device = "cuda"
     T = args.block_size
     model.to(device).train()
-    import train
-    graphs = args.cuda_graphs and not hf
+    loss_model = loss_model or model
     # fused AdamW, as train.py makes it (capturable: it reads the step count and lr from GPU memory in a graph)
-    opt = train.make_optimizer(model, train.TrainConfig(cuda_graphs=graphs, optimizer=args.optimizer), "cuda")
-    fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
-    graphed = None
-    if graphs:  # the whole step (forward, backward, clip, AdamW) replayed as one CUDA graph, as train.py does
-        from cuda_graph import GraphedStep
-        graphed = GraphedStep(fwd, opt, 1.0, torch.autocast("cuda", dtype=torch.bfloat16))
+    opt = train.make_optimizer(model, train.TrainConfig(cuda_graphs=args.cuda_graphs, optimizer=args.optimizer), "cuda")
+    fwd = torch.compile(loss_model, mode=args.compile_mode) if args.compile else loss_model
+    scaler = hardware.LossScaler("cuda", enabled=False)  # bf16: no loss scaling
+    step_fn = functools.partial(train.train_step, fwd, opt, scaler, ctx=torch.autocast("cuda", dtype=torch.bfloat16),
+                                grad_clip=1.0)
+    if args.cuda_graphs:  # the whole step (forward, backward, clip, AdamW) replayed as one CUDA graph, as train.py does
+        step_fn = GraphedStep(step_fn, opt, device)
     gen = torch.Generator(device=device).manual_seed(0)
     vocab = 50257  # real token ids only, also when the embedding is padded
     batches = [torch.randint(vocab, (batch_size, T + 1), device=device, generator=gen) for _ in range(4)]
@@ -67,20 +84,7 @@ def bench_model(name, model, flops_per_token, args, batch_size, hf=False):
     def step():
         xy = batches[state["i"] % len(batches)]
         state["i"] += 1
-        x, y = xy[:, :-1], xy[:, 1:]
-        if graphed is not None:
-            graphed(x[None], y[None])  # (accum=1, B, T)
-            return
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if hf:
-                loss = fwd(input_ids=x, labels=None).logits.float().flatten(0, 1)
-                loss = torch.nn.functional.cross_entropy(loss, y.reshape(-1))
-            else:
-                _, loss = fwd(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step_fn([(xy[:, :-1], xy[:, 1:], {})])  # one micro-batch (x, y, kw)
 
     torch.cuda.reset_peak_memory_stats()
     if args.profile:  # where the time goes: the kernels that take most of 5 steps, after warmup
@@ -101,10 +105,9 @@ def bench_model(name, model, flops_per_token, args, batch_size, hf=False):
 
 
 def throughput(args):
-    import train  # the card table lives next to the MFU log line
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name()
-    args.peak = train.peak_flops("cuda") or measured_matmul_peak("cuda")
+    args.peak = hardware.peak_flops("cuda") or measured_matmul_peak("cuda")
     print(f"{name}, torch {torch.__version__}, peak {args.peak / 1e12:.0f} TFLOP/s (bf16 dense), "
           f"block {args.block_size}, vocab {args.vocab_size} (pad multiple {args.vocab_pad_multiple}), "
           f"compile {args.compile}{'' if args.compile_mode == 'default' else ' ' + args.compile_mode}, "
@@ -115,23 +118,22 @@ def throughput(args):
     changed = GPTConfig(**arch).modern_options() + (["untied output layer"] if args.untied else [])
     if changed:
         print("architecture: " + ", ".join(changed))
-    train.set_attention_backend(args.attn_backend)
+    hardware.set_attention_backend(args.attn_backend)
     print(f"{'model':28s} {'mb':>4} {'tokens/s':>12} {'ms/step':>9} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
     cfg = dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
-               n_embd=args.n_embd, vocab_pad_multiple=args.vocab_pad_multiple, bias=args.bias, **arch)
+               n_embd=args.n_embd, vocab_pad_multiple=args.vocab_pad_multiple, bias=args.bias,
+               residual_bf16=args.residual_bf16, **arch)
     for bs in args.batch_sizes:
         torch.manual_seed(0)
         model = GPT(GPTConfig(**cfg))
-        model.loss_chunk = args.chunked_loss
-        model.residual_bf16 = args.residual_bf16
         name = "sologpt" + (f" chunked_loss={args.chunked_loss}" if args.chunked_loss else "") + \
             (" residual_bf16" if args.residual_bf16 else "")
         if args.fp8 or args.fp8_head:
-            import fp8
             fp8.convert_to_fp8(model, head=args.fp8_head, blocks=args.fp8)
             name += (" fp8" if args.fp8 else "") + (" fp8 head" if args.fp8_head else "")
-        bench_model(name, model, model.flops_per_token(args.block_size), args, bs)
-        del model
+        loss_model = ChunkedLoss(model, args.chunked_loss) if args.chunked_loss else model
+        bench_model(name, model, model.flops_per_token(args.block_size), args, bs, loss_model)
+        del model, loss_model
         torch.cuda.empty_cache()
         if args.hf:
             from transformers import GPT2Config, GPT2LMHeadModel
@@ -139,14 +141,17 @@ def throughput(args):
                                             n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                                             attn_implementation="sdpa"))
             ours = GPT(GPTConfig(**cfg))  # same shape, so the same FLOP count
-            bench_model("transformers GPT2LMHeadModel", hf, ours.flops_per_token(args.block_size), args, bs, hf=True)
+            graphs, args.cuda_graphs = args.cuda_graphs, False  # transformers' model is timed eagerly
+            bench_model("transformers GPT2LMHeadModel", hf, ours.flops_per_token(args.block_size), args, bs,
+                        HFLoss(hf))
+            args.cuda_graphs = graphs
             del hf, ours
             torch.cuda.empty_cache()
 
 
 def recipe(args):
     """Run train.py on a recipe and report the wall time from process start to the first val loss <= target."""
-    cmd = [sys.executable, "-u", "train.py", args.recipe, "--progress=False", "--overwrite=True", *args.extra]
+    cmd = [sys.executable, "-u", train.__file__, args.recipe, "--progress=False", "--overwrite=True", *args.extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reached, best = None, float("inf")
@@ -180,9 +185,9 @@ def main():
                    help="torch.compile mode; max-autotune tries Triton matmul kernels, minutes to compile "
                         "(train.py uses the default)")
     p.add_argument("--attn_backend", default="auto")
-    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (fp8.py), Hopper-class GPUs")
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (sologpt/fp8.py), Hopper-class GPUs")
     p.add_argument("--fp8_head", action="store_true", help="the output layer in fp8 (alone, or with --fp8 too)")
-    p.add_argument("--cuda_graphs", action="store_true", help="replay each step as one CUDA graph (cuda_graph.py)")
+    p.add_argument("--cuda_graphs", action="store_true", help="replay each step as one CUDA graph (sologpt/cuda_graph.py)")
     p.add_argument("--no_bias", dest="bias", action="store_false",
                    help="no biases in Linear and LayerNorm (GPTConfig bias=False; GPT-2 weights then do not load)")
     p.add_argument("--rope", action="store_true", help="rotary positions (model.py's modern options)")
@@ -191,7 +196,7 @@ def main():
     p.add_argument("--mlp_act", default="gelu", choices=["gelu", "relu2"])
     p.add_argument("--untied", action="store_true", help="an output layer with its own weights")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
-    p.add_argument("--residual_bf16", action="store_true", help="the residual stream in bf16 (model.residual_bf16)")
+    p.add_argument("--residual_bf16", action="store_true", help="the residual stream in bf16 (GPTConfig.residual_bf16)")
     p.add_argument("--chunked_loss", type=int, default=0, help="output layer + loss this many tokens at a time")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)

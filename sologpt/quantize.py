@@ -1,7 +1,8 @@
-"""Weight-only quantization of a GPT's Linear layers: int8 per output channel, or int4 in groups.
+"""Weight-only quantization of a GPT's Linear layers: int8 per output channel, or int4 in groups. The command line
+is tools/quantize.py; sologpt/checkpoint.py writes and reads quantized checkpoints.
 
-    python quantize.py --ckpt out/ckpt.pt --mode int8                  # -> out/ckpt_int8.pt
-    python quantize.py --ckpt out/ckpt.pt --mode int4 --group_size 64  # -> out/ckpt_int4.pt
+    python -m tools.quantize --ckpt out/ckpt.pt --mode int8                  # -> out/ckpt_int8.pt
+    python -m tools.quantize --ckpt out/ckpt.pt --mode int4 --group_size 64  # -> out/ckpt_int4.pt
 
 Only the weights are stored in few bits; activations stay float. Each forward rebuilds the float weight of one
 layer at a time (dequantize, then an ordinary matmul), so this saves memory (checkpoint, GPU, download), not time:
@@ -14,23 +15,26 @@ float, and so does a tied lm_head (one tensor is both the input embedding and th
 it would either untie the two, storing the matrix twice, or force the embedding lookup through dequantization too.
 Position embeddings, LayerNorms and biases stay float as well (they are tiny).
 
-Also here: fake quantization for quantization-aware training (enable_qat / disable_qat), which trains the float
-weights through exactly the rounding that quantize_model later applies.
+Also here: fake quantization for quantization-aware training (train.py qat = "int8" / "int4": enable_qat /
+disable_qat), which trains the float weights through exactly the rounding that quantize_model later applies.
 """
 
-import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import UserError
-from model import save_checkpoint, GPT, GPTConfig, read_checkpoint
-
 MODES = ("int8", "int4")
+
+
+def check(cfg):
+    """qat's values (train.py)."""
+    if cfg.qat and (cfg.base_dtype != "fp32" or cfg.fp8 or cfg.fp8_head or cfg.lora_rank):
+        raise ValueError("qat cannot be combined with base_dtype, fp8, fp8_head or lora_rank: the fake-quantized "
+                         "layers would be skipped or would not be what is exported")
+    if cfg.qat not in ("", *MODES):
+        raise ValueError(f"qat={cfg.qat!r} is unknown: use '', 'int8' or 'int4'")
 TINY = 1e-12  # the smallest scale: an all-zero row or a constant group then quantizes to 0 without dividing by 0
 
 
@@ -212,47 +216,7 @@ def quantize_model(model, mode, group_size=128, skip=()):
     return model
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------------
-
-RESUME_ONLY_KEYS = ("optimizer", "scaler", "rng")  # training state: a quantized model is not trained further
-
-
-def quantized_checkpoint(ckpt, mode, group_size=128, skip=()):
-    """A float sologpt checkpoint dict -> the quantized one: the same layout (format_version, model_config, model,
-    train_config, ...) without the optimizer state, plus "quantization": {"mode", "group_size", "skip"}.
-    Tensors and plain values only, so torch.load(weights_only=True) reads it."""
-    if is_quantized(ckpt):
-        raise ValueError(f"the checkpoint is already quantized ({ckpt['quantization']['mode']}): "
-                         f"quantize the float checkpoint it came from")
-    from finetune import load_model  # a LoRA run's checkpoint too: its base rebuilt and the adapters merged
-    model = quantize_model(load_model(ckpt), mode, group_size, skip)
-    out = {k: v for k, v in ckpt.items() if k not in RESUME_ONLY_KEYS and k != "adapter"}
-    out["model_config"] = model.config_dict()
-    out["model"] = model.state_dict()
-    # "head": True marks files from the version that quantizes an untied lm_head (unless skip names it)
-    out["quantization"] = {"mode": mode, "group_size": group_size if mode == "int4" else None, "skip": list(skip),
-                           "head": True}
-    return out
-
-
-def is_quantized(ckpt):
-    return "quantization" in ckpt
-
-
-def load_quantized_model(ckpt):
-    """Rebuild the GPT of a quantized checkpoint dict: build the float model, quantize it the same way (so every
-    module has the type its saved tensors belong to), then load the saved tensors over it."""
-    if not is_quantized(ckpt):
-        raise ValueError("the checkpoint is not quantized: load it with GPT.from_checkpoint")
-    info = ckpt["quantization"]
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    skip = tuple(info.get("skip", ()))
-    if not info.get("head"):  # written before untied heads were quantized: the head stayed float
-        skip += ("lm_head",)
-    quantize_model(model, info["mode"], info["group_size"] or 128, skip)
-    model.load_state_dict(ckpt["model"])
-    return model
-
+# ---- measuring -----------------------------------------------------------------------------------------
 
 def state_dict_bytes(state_dict):
     """Bytes of a state dict's tensors, each storage once (lm_head.weight and wte share one)."""
@@ -260,11 +224,6 @@ def state_dict_bytes(state_dict):
     for t in state_dict.values():
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
-
-
-def save_atomic(obj, path):
-    """Write a checkpoint atomically (temp file, fsync, rename), exactly as train.py does."""
-    save_checkpoint(path, obj)
 
 
 # ---- quantization-aware training -------------------------------------------------------------------------
@@ -331,61 +290,3 @@ def disable_qat(model):
                 plain.weight, plain.bias = child.weight, child.bias
                 setattr(parent, attr, plain)
     return model
-
-
-# ---- command line ----------------------------------------------------------------------------------------
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and exit 2; keep the one-line error convention
-        raise UserError(f"{message} (see python quantize.py --help)")
-
-
-def mb(n):
-    return f"{n / 1e6:.2f} MB"
-
-
-def run(argv):
-    parser = _Parser(description="Quantize the Linear weights of a sologpt checkpoint to int8 or int4.")
-    parser.add_argument("--ckpt", required=True, help="float checkpoint written by train.py, e.g. out/ckpt.pt")
-    parser.add_argument("--mode", required=True, choices=MODES)
-    parser.add_argument("--group_size", type=int, default=128,
-                        help="int4: inputs that share one scale and zero (default 128); int8 ignores it")
-    parser.add_argument("--out", help="output file (default: ckpt_int8.pt / ckpt_int4.pt beside --ckpt)")
-    parser.add_argument("--keep_head", action="store_true",
-                        help="leave an untied output layer (tie_embeddings=False) in float; a tied one always is")
-    args = parser.parse_args(argv)
-    src = Path(args.ckpt)
-    dst = Path(args.out) if args.out else src.with_name(f"{src.stem}_{args.mode}.pt")
-    if dst.resolve() == src.resolve():
-        raise UserError(f"--out {dst} is the input checkpoint: write the quantized model to another file")
-    if not dst.parent.is_dir():
-        raise UserError(f"the folder of --out {dst} does not exist: create it or pick another path")
-    try:
-        ckpt = read_checkpoint(src)
-        if is_quantized(ckpt):
-            raise ValueError(f"{src} is already quantized ({ckpt['quantization']['mode']}): "
-                             f"quantize the float checkpoint it came from")
-        qckpt = quantized_checkpoint(ckpt, args.mode, args.group_size, ("lm_head",) if args.keep_head else ())
-    except ValueError as e:
-        raise UserError(str(e))
-    save_atomic(qckpt, dst)
-    before, after = src.stat().st_size, dst.stat().st_size
-    print(f"{src}: {mb(before)} -> {dst}: {mb(after)} ({after / before:.2f}x, optimizer state dropped)")
-    if not ckpt["model"]:  # a LoRA run's checkpoint holds only adapters: measure the merged float model
-        from finetune import load_model
-        ckpt["model"] = load_model(ckpt).state_dict()
-    w_before, w_after = state_dict_bytes(ckpt["model"]), state_dict_bytes(qckpt["model"])
-    print(f"model weights: {mb(w_before)} -> {mb(w_after)} ({w_after / w_before:.2f}x)")
-    return dst
-
-
-def main(argv=None):
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

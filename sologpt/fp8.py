@@ -24,6 +24,17 @@ import torch.nn as nn
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
+def check(cfg):
+    """After the device and dtype are resolved: fp8 needs bf16 on a CUDA GPU (the card is checked at build time)."""
+    if cfg.fp8_head and cfg.task != "lm":
+        raise ValueError(f"fp8_head=True speeds up the language-model output layer, which task={cfg.task!r} does not "
+                         f"use: set fp8_head=False")
+    for key in ("fp8", "fp8_head"):
+        if getattr(cfg, key) and (not cfg.device.startswith("cuda") or cfg.dtype != "bfloat16"):
+            raise ValueError(f"{key}=True needs a CUDA GPU and dtype bfloat16 (here device={cfg.device!r}, "
+                             f"dtype={cfg.dtype!r}): set {key}=False")
+
+
 def fp8_scale(x, dtype):
     """The per-tensor scale that maps x's absmax onto the largest finite value of the fp8 dtype."""
     return torch.finfo(dtype).max / x.detach().abs().amax().float().clamp(min=1e-12)

@@ -10,6 +10,8 @@ import json
 import re
 from pathlib import Path
 
+import tiktoken
+
 EOT = "<|endoftext|>"
 
 
@@ -40,7 +42,6 @@ class TiktokenTokenizer:
     """A tiktoken encoding, optionally extended with whole-word extra tokens after its own ids."""
 
     def __init__(self, name, extra_tokens=()):
-        import tiktoken
         base = tiktoken.get_encoding(name)
         self.name, self.extra_tokens, self.eot_token = name, list(extra_tokens), base.eot_token
         self.extra_ids = {term: base.n_vocab + i for i, term in enumerate(self.extra_tokens)}
@@ -90,7 +91,6 @@ def read_extra_tokens(path, name="gpt2"):
     """The terms in a file (one per line; blank lines and surrounding spaces ignored) that become new
     tokens, in file order, and one warning per line skipped: a repeated term, or one the encoding
     already has as a single token (a new id would never be trained)."""
-    import tiktoken
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:

@@ -8,12 +8,15 @@ import copy
 import pytest
 import torch
 
-import muon
+from sologpt import checkpoint, checks, freeze, hf_gpt2, lora, memory, quantize
+from sologpt import muon
+from tools import quantize as quantize_cli
 import train as train_mod
-from configurator import UserError, load_config
+from sologpt.configurator import UserError, load_config
 from conftest import assert_resume_is_exact, perturbed_model
-from inference import Engine
-from model import GPT, GPTConfig, read_checkpoint, rotate
+from sologpt.inference import Engine
+from model import GPT, GPTConfig, rotate
+from sologpt.checkpoint import read as read_checkpoint
 
 ALL = dict(rope=True, norm="rmsnorm", qk_norm=True, mlp_act="relu2", tie_embeddings=False)
 OPTIONS = [dict(rope=True), dict(norm="rmsnorm"), dict(qk_norm=True), dict(mlp_act="relu2"),
@@ -96,7 +99,7 @@ def test_untied_vocab_growth_and_crop():
 
 def test_gpt2_export_refuses_modern_options(tmp_path):
     with pytest.raises(ValueError, match="rope, norm=rmsnorm cannot be exported as GPT-2"):
-        tiny(rope=True, norm="rmsnorm").save_pretrained(tmp_path / "hf")
+        hf_gpt2.save(tiny(rope=True, norm="rmsnorm"), tmp_path / "hf")
 
 
 def test_unknown_option_values_are_one_line():
@@ -109,7 +112,7 @@ def test_unknown_option_values_are_one_line():
     for bad, match in ((dict(norm="batchnorm"), "norm='batchnorm'"), (dict(optimizer="lion"), "optimizer='lion'"),
                        (dict(optimizer="muon", optim_state="int8"), "cannot be combined with lora_rank")):
         with pytest.raises(UserError, match=match):
-            train_mod.resolve(train_mod.TrainConfig(device="cpu", **bad))
+            checks.resolve(train_mod.TrainConfig(device="cpu", **bad))
 
 
 # ---- Muon ----------------------------------------------------------------------------------------------------
@@ -211,23 +214,20 @@ def test_gpt2_weights_refuse_modern_options(tmp_path, tiny_flags):
 
 def test_plain_checkpoint_config_leaves_the_options_out_and_modern_round_trips():
     plain, modern = tiny(), tiny(**ALL)
-    assert not {"rope", "norm", "qk_norm", "mlp_act", "tie_embeddings"} & set(plain.config_dict())
-    again = GPT(GPTConfig(**modern.config_dict()))
+    assert not {"rope", "norm", "qk_norm", "mlp_act", "tie_embeddings"} & set(checkpoint.model_config(plain))
+    again = GPT(GPTConfig(**checkpoint.model_config(modern)))
     again.load_state_dict(modern.state_dict())
     idx = torch.randint(0, 64, (1, 10))
     torch.testing.assert_close(again(idx)[0], modern(idx)[0])
 
 
 def test_freeze_embeddings_freezes_an_untied_head():
-    import finetune
     model = tiny(tie_embeddings=False)
-    finetune.freeze(model, 0, True)
+    freeze.freeze(model, 0, True)
     assert not model.lm_head.weight.requires_grad and not model.transformer.wte.weight.requires_grad
 
 
 def test_lora_and_quantization_on_a_modern_model():
-    import lora
-    import quantize
     model = tiny(**ALL)
     idx = torch.randint(0, 64, (2, 12))
     ref = model(idx)[0]
@@ -265,23 +265,20 @@ def test_qat_fake_quantizes_an_untied_head_so_chunked_loss_is_refused(tiny_flags
 
 
 def test_quantize_a_lora_run_checkpoint(tiny_flags, tmp_path):
-    import finetune
-    import quantize
     run(tiny_flags + ["--max_iters=3"])
     other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'lora'}" for f in tiny_flags]
     run(other + [f"--init_from={tmp_path / 'out' / 'ckpt.pt'}", "--lora_rank=2", "--max_iters=3"])
     ckpt = read_checkpoint(tmp_path / "lora" / "ckpt.pt")
-    merged = finetune.load_model(ckpt)
-    q = finetune.load_model(quantize.quantized_checkpoint(ckpt, "int8"))
+    merged = checkpoint.load_model(ckpt)
+    q = checkpoint.load_model(checkpoint.quantized(ckpt, "int8"))
     idx = torch.randint(0, merged.config.vocab_size, (1, 16))
     ref = merged(idx)[0]
     assert (q(idx)[0] - ref).abs().max() < 0.05 * ref.abs().max()
-    quantize.main(["--ckpt", str(tmp_path / "lora" / "ckpt.pt"), "--mode", "int8"])  # the CLI reports sizes too
-    assert quantize.is_quantized(read_checkpoint(tmp_path / "lora" / "ckpt_int8.pt"))
+    quantize_cli.main(["--ckpt", str(tmp_path / "lora" / "ckpt.pt"), "--mode", "int8"])  # the CLI reports sizes too
+    assert 'quantization' in read_checkpoint(tmp_path / "lora" / "ckpt_int8.pt")
 
 
 def test_memory_estimate_counts_one_momentum_per_muon_matrix():
-    import memory
     model = tiny()
     adamw = memory.estimate(model, train_mod.TrainConfig(device="cpu"))[0]["optimizer"]
     mu = memory.estimate(model, train_mod.TrainConfig(device="cpu", optimizer="muon"))[0]["optimizer"]
@@ -296,11 +293,11 @@ def test_untied_head_round_trips_through_transformers(tmp_path):
     with torch.no_grad():
         hf.lm_head.weight.normal_(0, 0.5)  # unlike the embedding, so a tied load would give other logits
     hf.save_pretrained(tmp_path / "hf")
-    ours = GPT.from_pretrained(tmp_path / "hf", vocab_pad_multiple=64).eval()
+    ours = hf_gpt2.load(tmp_path / "hf", vocab_pad_multiple=64).eval()
     assert not ours.config.tie_embeddings and ours.lm_head.weight is not ours.transformer.wte.weight
     idx = torch.randint(0, 61, (2, 20))
     torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
-    ours.save_pretrained(tmp_path / "back")
+    hf_gpt2.save(ours, tmp_path / "back")
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
     assert not again.config.tie_word_embeddings
     torch.testing.assert_close(again(idx).logits, hf(idx).logits, rtol=1e-4, atol=1e-4)

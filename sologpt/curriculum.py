@@ -8,11 +8,26 @@
   then batches are random again. A window's difficulty is its mean surprisal under the training text's unigram
   distribution (the loss of the smallest possible language model): windows of common tokens come first.
 
-Both are deterministic functions of the step, so exact resume needs no extra state.
+Both are deterministic functions of the step, so exact resume needs no extra state. Each is a batch source
+(sologpt/batches.py): called once per step, it returns that step's micro-batches.
 """
 
 import numpy as np
-import torch
+
+from sologpt.batches import Windows, get_batch, windows
+
+
+def check(cfg):
+    if cfg.seq_warmup_iters < 0:
+        raise ValueError(f"seq_warmup_iters={cfg.seq_warmup_iters} must not be negative")
+    if cfg.curriculum not in ("none", "unigram"):
+        raise ValueError(f"curriculum={cfg.curriculum!r} is unknown: use 'none' or 'unigram'")
+    if cfg.seq_warmup_iters and not 1 <= cfg.seq_warmup_start <= cfg.block_size:
+        raise ValueError(f"seq_warmup_start={cfg.seq_warmup_start} must be between 1 and block_size={cfg.block_size}")
+    if (cfg.seq_warmup_iters or cfg.curriculum != "none") and cfg.task != "lm":
+        raise ValueError("seq_warmup_iters and curriculum apply to task 'lm'")
+    if cfg.seq_warmup_iters and cfg.curriculum != "none":
+        raise ValueError("seq_warmup_iters and curriculum cannot be combined yet: use one at a time")
 
 
 def batch_shape(it, cfg):
@@ -23,6 +38,15 @@ def batch_shape(it, cfg):
     step = max(8, cfg.block_size // 8)  # a few lengths only: each new shape costs a recompile under torch.compile
     T = min(cfg.block_size, max(cfg.seq_warmup_start, int(T) // step * step))
     return max(1, cfg.batch_size * cfg.block_size // T), T  # (B, T) with B * T ~ batch_size * block_size
+
+
+class SeqWarmup(Windows):
+    """Random windows whose length (and count) follow batch_shape(step): short and many early, then block_size."""
+
+    def __call__(self, step):
+        B, T = batch_shape(step, self.cfg)
+        return [(*get_batch(self.data, B, T, self.generator, self.cfg.device), {})
+                for _ in range(self.cfg.gradient_accumulation_steps)]
 
 
 class EasyFirst:
@@ -46,6 +70,21 @@ class EasyFirst:
         rows = self.order[index * batch_size:(index + 1) * batch_size]
         if len(rows) < batch_size:
             return None
-        xy = np.stack([self.data[w * self.T:w * self.T + self.T + 1] for w in rows]).astype(np.int64)  # (B, T+1)
-        xy = torch.from_numpy(xy).to(device)
-        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()  # (B, T), (B, T)
+        return windows(self.data, [w * self.T for w in rows], self.T, device)  # (B, T), (B, T)
+
+
+class EasyFirstSource(Windows):
+    """The first epoch's windows easiest first, then random windows (the batch source of curriculum="unigram")."""
+
+    def __init__(self, data, cfg, generator, vocab_size):
+        super().__init__(data, cfg, generator)
+        self.easy = EasyFirst(data, cfg.block_size, vocab_size)
+        print(f"curriculum: {len(self.easy.order):,} windows, easiest first for "
+              f"{len(self.easy.order) // (cfg.batch_size * cfg.gradient_accumulation_steps):,} steps")
+
+    def __call__(self, step):
+        accum, out = self.cfg.gradient_accumulation_steps, []
+        for micro in range(accum):
+            xy = self.easy.batch(step * accum + micro, self.cfg.batch_size, self.cfg.device)
+            out.append((*xy, {}) if xy is not None else self.batch(self.cfg.batch_size))
+        return out

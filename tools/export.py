@@ -1,16 +1,15 @@
 """Export a trained checkpoint: a Hugging Face GPT-2 directory, or one plain sologpt checkpoint with any LoRA
 adapters merged into the weights.
 
-    python export.py --out_dir=out --hf_dir=gpt2-mine          # transformers.GPT2LMHeadModel.from_pretrained loads it
-    python export.py --out_dir=out-lora --merged_ckpt=merged.pt # adapters folded in: a full model, no base needed
+    python -m tools.export --out_dir=out --hf_dir=gpt2-mine           # GPT2LMHeadModel.from_pretrained loads it
+    python -m tools.export --out_dir=out-lora --merged_ckpt=merged.pt  # adapters folded in: no base needed
 """
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import finetune
-from configurator import UserError, run_cli
-from model import CKPT_FORMAT_VERSION, read_checkpoint, save_checkpoint
+from sologpt import checkpoint, hf_gpt2
+from sologpt.configurator import UserError, run_cli
 
 
 @dataclass
@@ -26,20 +25,21 @@ def export(cfg):
         raise UserError("nothing to do: pass --hf_dir=DIR and/or --merged_ckpt=FILE")
     path = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = checkpoint.read(path)
         if "quantization" in ckpt:
             raise ValueError(f"{path} is quantized; export the float checkpoint it came from")
-        model = finetune.load_model(ckpt, path)  # LoRA adapters are merged here
+        model = checkpoint.load_model(ckpt, path)  # LoRA adapters are merged here
         if cfg.hf_dir:
-            model.save_pretrained(cfg.hf_dir)
+            hf_gpt2.save(model, cfg.hf_dir)
             print(f"wrote {cfg.hf_dir} (Hugging Face GPT-2)")
     except ValueError as e:
         raise UserError(str(e))
     if cfg.merged_ckpt:
         if Path(cfg.merged_ckpt).resolve() == path.resolve():
             raise UserError(f"--merged_ckpt={cfg.merged_ckpt} is the input checkpoint: pick another file")
-        save_checkpoint(cfg.merged_ckpt, {
-            "format_version": CKPT_FORMAT_VERSION, "model_config": model.config_dict(), "model": model.state_dict(),
+        checkpoint.save(cfg.merged_ckpt, {
+            "format_version": checkpoint.FORMAT_VERSION, "model_config": checkpoint.model_config(model),
+            "model": model.state_dict(),
             "init_source": "scratch", "train_config": ckpt["train_config"], "iter_num": ckpt["iter_num"],
             "best_val_loss": ckpt["best_val_loss"]})
         print(f"wrote {cfg.merged_ckpt} (sologpt checkpoint, full weights)")

@@ -40,7 +40,7 @@ class Engine:
         C = c.n_embd
         cols = start + torch.arange(T, device=idx.device)  # (T,) cache columns of these tokens
         pos = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, T) each row's own positions
-        x = m.embed(idx, pos)  # (B, T, C)
+        x = m.residual_cast(m.embed(idx, pos))  # (B, T, C)
         rope = m.rotary(pos)  # rotary angles of each row's positions, or None
         key = self.cols[None, None, :]  # (1, 1, S)
         query = cols[None, :, None]  # (1, T, 1)

@@ -1,8 +1,8 @@
 """Score a text under a model: negative log-likelihood, perplexity, bits per token and bits per character.
 
-    python score.py --out_dir=out-small --input=data/shakespeare/input.txt
-    python score.py --ckpt=out-small/ckpt_int4.pt --input=held_out.txt      # any checkpoint kind, quantized too
-    python score.py --hf_dir=gpt2 --input=held_out.txt --stride=512          # a Hugging Face GPT-2 directory
+    python -m tools.score --out_dir=out-small --input=data/shakespeare/input.txt
+    python -m tools.score --ckpt=out-small/ckpt_int4.pt --input=held_out.txt  # any checkpoint kind, quantized too
+    python -m tools.score --hf_dir=gpt2 --input=held_out.txt --stride=512      # a Hugging Face GPT-2 directory
 
 The text is tokenized with the model's own tokenizer (meta.json beside the checkpoint; GPT-2's BPE for --hf_dir).
 Every token after the first is scored once. A text longer than the context is read in windows of block_size tokens
@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import finetune
-import tokenizer as tok
-from configurator import UserError, autocast_context, resolve_device, run_cli
-from model import GPT, read_checkpoint
+from sologpt import checkpoint, hf_gpt2, tokenizer as tok
+from sologpt.configurator import UserError, run_cli
+from sologpt.hardware import autocast_context, resolve_device
 
 
 @dataclass
@@ -94,13 +93,6 @@ def score_text(model, enc_ids, block_size, stride, device, ctx, batch_size=8):
             "bits_per_token": mean / math.log(2)}
 
 
-def find_meta(ckpt_path, ckpt):
-    try:
-        return tok.find_meta(ckpt_path, ckpt)
-    except tok.TokenizerError as e:
-        raise UserError(str(e))
-
-
 def load(cfg):
     """(model on the CPU, tokenizer, a name for printing) for the configured source."""
     try:
@@ -108,11 +100,10 @@ def load(cfg):
             if not Path(cfg.hf_dir).is_dir():
                 raise UserError(f"--hf_dir {cfg.hf_dir} is not a directory: give a Hugging Face GPT-2 folder")
             enc = tok.from_meta({"tokenizer": "gpt2", "vocab_size": 50257})  # what every GPT-2 checkpoint uses
-            return GPT.from_pretrained(cfg.hf_dir), enc, cfg.hf_dir
+            return hf_gpt2.load(cfg.hf_dir), enc, cfg.hf_dir
         path = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
-        ckpt = read_checkpoint(path)
-        model = finetune.load_model(ckpt, path)
-        enc = tok.from_meta(tok.load_meta(find_meta(path, ckpt)))
+        model, meta = checkpoint.load_with_meta(path)
+        enc = tok.from_meta(meta)
     except ValueError as e:  # tok.TokenizerError is a ValueError too
         raise UserError(str(e))
     return model, enc, str(path)

@@ -1,4 +1,5 @@
-"""The output layer and the cross-entropy loss, a chunk of tokens at a time: train.py's chunked_loss = N.
+"""The output layer and the cross-entropy loss, a chunk of tokens at a time: train.py's chunked_loss = N, which
+wraps the model once at setup (ChunkedLoss); the training step calls the wrapper as it would the model.
 
 The plain path computes logits = x @ W^T for every token at once: a (tokens, vocab) tensor, kept for backward,
 then its float32 log-softmax and, in backward, a gradient of the same size. With GPT-2's 50257 tokens that is
@@ -18,7 +19,34 @@ is unrolled into the graph: each sequence length compiles its own graph, and a s
 """
 
 import torch
+import torch.nn as nn
 from torch.autograd.function import once_differentiable
+
+
+def check(cfg):
+    if cfg.chunked_loss < 0 or (cfg.chunked_loss and (cfg.teacher or cfg.fp8_head or cfg.task != "lm")):
+        raise ValueError("chunked_loss must be >= 0, for task 'lm', without teacher or fp8_head (they need the "
+                         "whole logits or their own output layer): set chunked_loss=0")
+
+
+class ChunkedLoss(nn.Module):
+    """A language model whose forward(x, y) returns (None, loss) computed chunk by chunk from its hidden states and
+    output layer; without targets it is the model itself. The output layer must be a plain nn.Linear: the loss
+    reads its float weight, so a fake-quantized (qat) or lowered (base_dtype) head would be bypassed."""
+
+    def __init__(self, model, chunk):
+        super().__init__()
+        if type(model.lm_head) is not nn.Linear:
+            raise ValueError(f"chunked_loss computes the output layer from its float weight, but this untied output "
+                             f"layer is a {type(model.lm_head).__name__} (qat or base_dtype): set chunked_loss=0")
+        self.model, self.chunk = model, chunk
+
+    def forward(self, idx, targets=None):
+        if targets is None:
+            return self.model(idx)
+        x = self.model.hidden_states(idx)  # (B, T, C)
+        w = self.model.lm_head.weight[:self.model.config.vocab_size]  # (vocab, C): padding rows are not tokens
+        return None, chunked_cross_entropy(x.reshape(-1, x.size(-1)), w, targets.reshape(-1), self.chunk)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

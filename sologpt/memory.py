@@ -15,8 +15,25 @@ import gc
 import torch
 import torch.nn as nn
 
+from sologpt.quantize import Int8Linear
+
 MOMENT_BYTES = {"fp32": 8, "bf16": 4, "int8": 2}  # both AdamW moments together, per trainable parameter
 BASE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # a frozen Linear weight
+
+
+def check(cfg):
+    """The memory switches' values, after the device and dtype are resolved."""
+    for key, allowed in (("optim_state", MOMENT_BYTES), ("base_dtype", BASE_BYTES)):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key}={getattr(cfg, key)!r} is unknown: use one of {', '.join(allowed)}")
+    if cfg.base_dtype != "fp32" and not (cfg.lora_rank or cfg.freeze_layers):
+        raise ValueError(f"base_dtype={cfg.base_dtype!r} applies to frozen weights: set lora_rank or freeze_layers")
+    if cfg.batch_size == "auto" and not cfg.device.startswith("cuda"):
+        raise ValueError("batch_size='auto' probes for CUDA out-of-memory: it needs a CUDA GPU; set batch_size to a "
+                         "number")
+    if cfg.base_dtype == "bf16" and cfg.dtype == "float32":
+        raise ValueError("base_dtype='bf16' needs 16-bit autocast (dtype bfloat16 or float16): use base_dtype='int8' "
+                         "or another dtype")
 
 
 def optimizer_bytes(model, cfg):
@@ -46,7 +63,7 @@ def estimate(model, cfg):
     other_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) - frozen_linear
     weights = 4 * (trainable + other_frozen) + BASE_BYTES[cfg.base_dtype] * frozen_linear
     weights += sum(b.numel() * b.element_size() for m in model.transformer.h.modules()  # int8 layers: buffers
-                   if type(m).__name__ == "Int8Linear" for b in m.buffers())
+                   if isinstance(m, Int8Linear) for b in m.buffers())
     tokens = cfg.batch_size * cfg.block_size if isinstance(cfg.batch_size, int) else cfg.block_size
     per_layer = 34 * c.n_embd  # bytes per token, 16-bit autocast (see above)
     if cfg.dtype == "float32":
@@ -79,17 +96,15 @@ def lower_frozen_weights(model, base_dtype):
         if base_dtype == "bf16":
             linear.to(torch.bfloat16)
         else:
-            import quantize
-            setattr(parent, name, quantize.Int8Linear.from_linear(linear))
+            setattr(parent, name, Int8Linear.from_linear(linear))
     return len(swaps)
 
 
 def restore_float(model):
     """Undo lower_frozen_weights: every bf16 / int8 block Linear back to a float32 nn.Linear, all trainable."""
-    import quantize
     for parent in model.transformer.h.modules():
         for name, child in list(parent.named_children()):
-            if isinstance(child, quantize.Int8Linear):
+            if isinstance(child, Int8Linear):
                 linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
                 with torch.no_grad():
                     linear.weight.copy_(child.dequantize())
@@ -158,27 +173,26 @@ def oom_message(cfg, device):
             f"allocated of {total:.1f} GiB): try {', '.join(tips)}; the last checkpoint is untouched")
 
 
-def auto_batch_size(model, cfg, ctx):
+def auto_batch_size(model, loss_model, source, cfg, ctx):
     """batch_size="auto": the largest micro-batch whose forward and backward fit next to the optimizer state (held
     as a placeholder of its size, so the real optimizer is untouched), then the gradient accumulation that keeps
-    auto_batch_sequences sequences per step. Runs before torch.compile; compiled steps need no more memory."""
+    auto_batch_sequences sequences per step; sets both in cfg. loss_model is what the training step calls (with a
+    teacher or the chunked loss, those count too), source the run's batch source, which draws the trial batches
+    from its own generator. Runs before torch.compile; compiled steps need no more memory."""
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cfg.device.startswith("cuda") else None)
     state_bytes = optimizer_bytes(model, cfg)
-    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(cfg.seed)  # trial batches: the run's own batches stay untouched
 
     def try_step(b):
         reserve = torch.empty(state_bytes, dtype=torch.uint8, device=cfg.device)  # the optimizer's moments
-        x = torch.randint(vocab, (b, cfg.block_size), device=cfg.device)
+        x, y, kw = source.batch(b, gen)
         try:
             with ctx:
-                if cfg.task == "classify":
-                    _, loss = model(x, torch.zeros(b, dtype=torch.long, device=cfg.device))
-                else:
-                    _, loss = model(x, x)
+                _, loss = loss_model(x, y, **kw)
             loss.backward()
         finally:
-            del reserve, x
-            free_memory(model)
+            del reserve, x, y, kw
+            free_memory(loss_model)
 
     limit = cfg.auto_batch_sequences or 1024
     micro = find_micro_batch(try_step, limit=limit)
@@ -188,11 +202,12 @@ def auto_batch_size(model, cfg, ctx):
     torch.cuda.reset_peak_memory_stats() if cfg.device.startswith("cuda") else None
     if micro == 0:
         raise ValueError(f"not even one sequence of block_size={cfg.block_size} fits in memory: "
-                        f"{oom_message(cfg, cfg.device).split(': try ')[1]}")
+                         f"{oom_message(cfg, cfg.device).split(': try ')[1]}")
     fit, target = micro, cfg.auto_batch_sequences or micro
     accum = -(-target // micro)
     micro = -(-target // accum)  # spread the sequences evenly over the micro-batches
     print(f"batch_size auto: the largest micro-batch that fits is {fit} sequences "
           f"(searched up to {limit}); batch_size={micro}, gradient_accumulation_steps={accum}, "
           f"{micro * accum} sequences per step")
+    cfg.batch_size, cfg.gradient_accumulation_steps = micro, accum
     return micro, accum

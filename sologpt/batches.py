@@ -1,0 +1,142 @@
+"""The data a run trains on: a prepared dataset (train.bin / val.bin memmaps and meta.json), the micro-batches of
+each optimizer step, and the language model's evaluation.
+
+A batch source is called once per step and returns that step's micro-batches, each (x, y, kw): inputs, targets
+and the keyword arguments the model's forward takes besides them (a classifier's row lengths). Its generator draws
+the random windows; its state goes into the checkpoint, so a resumed run sees the same batches. Windows (here) is
+the plain one; classification rows (classify.py) and the curriculum's sources (curriculum.py) are the others, and
+sologpt/build.py picks one per run.
+"""
+
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sologpt import classify, tokenizer as tok
+from sologpt.configurator import UserError
+
+PREPARE_HELPERS = ("__init__", "common", "clean", "dedup", "text", "classify")  # prepare/ modules that are not one dataset
+
+
+@dataclass
+class Dataset:
+    splits: dict  # "train", "val": token memmaps (language model) or (tokens, offsets, labels) (classifier)
+    meta: dict  # meta.json: the tokenizer and what the prepare script recorded
+    enc: object  # the tokenizer, rebuilt from meta.json
+    max_id: int  # the largest token id in the data: it needs a row in the embedding
+
+
+def load_dataset(cfg):
+    """Open data_root/dataset's splits and read meta.json, preparing the dataset first if a prepare/ script of that
+    name exists and nothing is there yet. Every problem is one UserError line that says how to fix it."""
+    data_dir = Path(cfg.data_root) / cfg.dataset
+    files = [data_dir / name for name in ("train.bin", "val.bin", "meta.json")]
+    script = None if cfg.dataset in PREPARE_HELPERS or not cfg.dataset.isidentifier() else \
+        find_spec(f"prepare.{cfg.dataset}")
+    hint = f"run python prepare/{cfg.dataset}.py" if script else "prepare it first (README: 'Your own text')"
+    if not any(f.exists() for f in files) and script:
+        print(f"{data_dir} is not prepared yet: running prepare/{cfg.dataset}.py")
+        cmd = [sys.executable, "-m", f"prepare.{cfg.dataset}", "--data_root", cfg.data_root]
+        if cfg.data_input:
+            cmd += ["--input", cfg.data_input]
+        root = Path(script.origin).parents[1]  # where the prepare package lives: run it from there
+        if subprocess.run(cmd, cwd=root).returncode != 0:
+            raise UserError(f"preparing {data_dir} failed (see above); offline, pass --data_input=path/to/input.txt")
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{f} is missing: {hint}")
+    try:
+        meta = tok.load_meta(data_dir / "meta.json")
+        enc = tok.from_meta(meta)  # now, not after training: a broken meta.json should fail before step 0
+    except tok.TokenizerError as e:
+        raise UserError(str(e))
+    if meta.get("dtype", "uint16") not in ("uint16", "uint32"):
+        raise UserError(f"{data_dir}/meta.json has dtype={meta['dtype']!r}; token files are uint16 or uint32: "
+                        f"{hint} again")
+    if (meta.get("task", "lm") == "classify") != (cfg.task == "classify"):
+        fix = "task='classify'" if cfg.task == "lm" else "a dataset from prepare/classify.py"
+        raise UserError(f"{data_dir} holds {meta.get('task', 'lm')!r} data but task={cfg.task!r}: use {fix}")
+    if cfg.task == "classify":  # labelled examples instead of one token stream
+        try:
+            splits = {split: classify.load_split(data_dir, split, meta) for split in ("train", "val")}
+        except classify.ClassifyError as e:
+            raise UserError(str(e))
+        return Dataset(splits, meta, enc, meta["max_token_id"])
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    splits = {}
+    for split in ("train", "val"):
+        path = data_dir / f"{split}.bin"
+        if path.stat().st_size % dtype.itemsize:
+            raise UserError(f"{path} is not a whole number of {dtype} tokens (truncated?): {hint} again")
+        splits[split] = np.memmap(path, dtype=dtype, mode="r")
+        if len(splits[split]) < cfg.block_size + 1:
+            raise UserError(f"{path} has {len(splits[split])} tokens, fewer than block_size + 1 = "
+                            f"{cfg.block_size + 1}: lower --block_size or use more text")
+        expected = meta.get(f"{split}_tokens")
+        if expected is not None and expected != len(splits[split]):
+            raise UserError(f"{path} has {len(splits[split])} tokens but meta.json says {expected}: {hint} again")
+    # the largest id must have a row in the embedding; meta.json records it (else scan once, in chunks)
+    if "max_token_id" in meta:
+        max_id = meta["max_token_id"]
+    else:
+        max_id = max(int(d[i:i + (1 << 24)].max()) for d in splits.values() for i in range(0, len(d), 1 << 24))
+    if max_id >= meta["vocab_size"]:
+        raise UserError(f"{data_dir} holds token id {max_id} but meta.json says vocab_size={meta['vocab_size']}: "
+                        f"{hint} again")
+    return Dataset(splits, meta, enc, max_id)
+
+
+def windows(data, starts, block_size, device):
+    """The windows of the token stream that begin at starts: x = tokens[i:i+T], y = tokens[i+1:i+1+T]."""
+    xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64))  # (B, T+1)
+    if device.startswith("cuda"):  # pinned memory lets the copy overlap GPU work
+        xy = xy.pin_memory().to(device, non_blocking=True)
+    else:
+        xy = xy.to(device)
+    return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()  # (B, T), (B, T)
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """batch_size random windows of the token stream (x, y), y being x shifted one token ahead."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    return windows(data, ix.tolist(), block_size, device)
+
+
+class Windows:
+    """The plain language-model source: every micro-batch is batch_size random windows of block_size tokens."""
+
+    def __init__(self, data, cfg, generator):
+        self.data, self.cfg, self.generator = data, cfg, generator
+
+    def __call__(self, step):
+        return [self.batch(self.cfg.batch_size) for _ in range(self.cfg.gradient_accumulation_steps)]
+
+    def batch(self, batch_size, generator=None):
+        x, y = get_batch(self.data, batch_size, self.cfg.block_size, generator or self.generator, self.cfg.device)
+        return x, y, {}
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg, ctx):
+    """Mean loss over eval_iters batches per split, and its perplexity. The batches come from a generator seeded the
+    same way every time, so evaluations are comparable across steps and do not disturb the training batches."""
+    model.eval()
+    out = {}
+    for i, (split, data) in enumerate(splits.items()):
+        gen = torch.Generator().manual_seed(cfg.seed + 1 + i)
+        total = 0.0
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(data, cfg.batch_size, cfg.block_size, gen, cfg.device)
+            with ctx:
+                _, loss = model(x, y)
+            total += loss.item()
+        out[f"{split}_loss"] = total / cfg.eval_iters
+        out[f"{split}_ppl"] = math.exp(min(out[f"{split}_loss"], 700.0))
+    model.train()
+    return out

@@ -1,0 +1,155 @@
+"""How train.py assembles a run, once, before the first step. Every feature is decided here and becomes a module
+swap, a wrapper, a batch source or an evaluation, so the training loop itself names none of them.
+
+1. build_model: the start point - new weights ("scratch"), the checkpoint being resumed, a Hugging Face GPT-2
+   directory, or another run's checkpoint file (its weights, with a fresh optimizer and schedule) - then the
+   switches that change which weights exist, train or how they are stored, in this fixed order: task head
+   (classify.py), freezing (freeze.py), LoRA adapters (lora.py), fake quantization (qat, quantize.py), low-precision
+   frozen weights (base_dtype, memory.py), the resumed weights, fp8 matmuls (fp8.py). Checkpoint keys never change.
+2. loss_model: what the training step calls, forward(x, y, **kw) -> (logits, loss): the model itself, or a
+   wrapper that computes the loss chunk by chunk (chunked_loss, chunked_ce.py) or mixes in a teacher's soft labels
+   (teacher, distill.py).
+3. batch_source: each step's micro-batches: random windows (batches.py), classification rows (classify.py), or a
+   curriculum (curriculum.py).
+4. evaluator: the evaluation that train.py runs every eval_interval steps, returning a dict of metrics.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from model import GPTConfig
+from sologpt import batches, checkpoint, classify, curriculum, fp8, lora, memory, quantize
+from sologpt.checkpoint import ARCH_FIELDS
+from sologpt.chunked_ce import ChunkedLoss
+from sologpt.distill import Distill, load_teacher
+from sologpt.freeze import count_trainable, freeze
+
+# what the weights of a start point decide, whatever the config says
+WEIGHT_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple", *ARCH_FIELDS)
+
+
+def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
+    """The run's model, on the CPU, and its init_source ("scratch" or the weights it started from). Sets the shape
+    fields of cfg from the weights when those fix it. Raises ValueError with a hint."""
+    head = dict(n_classes=len(meta["labels"]) if cfg.task == "classify" else 0, cls_pool=cfg.cls_pool)
+    behaviour = dict(dropout=cfg.dropout, attn_impl=cfg.attn_impl, grad_checkpointing=cfg.grad_checkpointing,
+                     residual_bf16=cfg.residual_bf16)  # GPTConfig fields that leave the weights as they are
+    init_source = cfg.init_from if ckpt is None else ckpt["init_source"]
+    if ckpt is not None and init_source != "scratch":  # those weights fixed the shape, not the config's fields
+        for key in WEIGHT_FIELDS:
+            setattr(cfg, key, ckpt["model_config"].get(key, getattr(GPTConfig(), key)))
+    arch = {key: getattr(cfg, key) for key in ARCH_FIELDS}
+    if init_source == "scratch" or (ckpt is not None and "adapter" not in ckpt):
+        model = checkpoint.new_model(GPTConfig(
+            block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer, n_head=cfg.n_head,
+            n_embd=cfg.n_embd, bias=cfg.bias, vocab_pad_multiple=cfg.vocab_pad_multiple, **arch, **head, **behaviour))
+    else:  # GPT-2 weights or another run's checkpoint (also the frozen base of a LoRA run being resumed)
+        model = start_point(cfg, meta, init_source, arch, head, behaviour, resuming=ckpt is not None)
+    if max_id >= model.config.vocab_size:
+        raise ValueError(f"{cfg.dataset} holds token id {max_id}, beyond the model's vocab_size="
+                         f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
+    if ckpt is not None:
+        checkpoint.check_same_shape(ckpt["model_config"], model.config, ckpt_path)
+    freeze(model, cfg.freeze_layers, cfg.freeze_embeddings)
+    if cfg.lora_rank:  # resuming: the saved adapters, else new ones
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                 adapter=ckpt.get("adapter") if ckpt is not None else None)
+    if cfg.qat:
+        try:
+            quantize.enable_qat(model, cfg.qat, cfg.qat_group_size)  # same parameters and checkpoint keys
+        except ValueError as e:
+            raise ValueError(f"qat: {e}")
+    memory.lower_frozen_weights(model, cfg.base_dtype)  # before loading: a checkpoint holds them lowered already
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"], strict="adapter" not in ckpt)
+    if cfg.fp8 or cfg.fp8_head:
+        fp8.check_fp8_device(cfg.device, "fp8" if cfg.fp8 else "fp8_head")
+        fp8.convert_to_fp8(model, head=cfg.fp8_head, blocks=cfg.fp8)  # same parameters and checkpoint keys
+    if cfg.freeze_layers or cfg.freeze_embeddings or cfg.lora_rank:
+        trainable, total = count_trainable(model)
+        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    return model, init_source
+
+
+def start_point(cfg, meta, source, arch, head, behaviour, resuming):
+    """Pretrained weights (a GPT-2 directory or a sologpt checkpoint) fitted to the run: positions cropped,
+    vocabulary grown, a task head added. Refuses a start point that cannot serve this run's data or config."""
+    if not resuming and Path(source).is_dir() and GPTConfig(**arch).modern_options():
+        raise ValueError(f"GPT-2 weights have GPT-2's architecture, but the config sets "
+                         f"{', '.join(GPTConfig(**arch).modern_options())}: leave those at their defaults")
+    if Path(source).is_dir() and meta["tokenizer"] != "gpt2":
+        raise ValueError(f"GPT-2 weights need GPT-2 tokens, but {cfg.dataset} uses tokenizer "
+                         f"{meta['tokenizer']!r}: prepare the text with GPT-2 BPE (e.g. prepare/shakespeare.py)")
+    if not resuming and Path(source).is_file():
+        check_same_tokenizer(Path(source).parent / "meta.json", meta, cfg.dataset)
+    model = checkpoint.load_source(source, allow_quantized=False, vocab_pad_multiple=cfg.vocab_pad_multiple,
+                                   **behaviour)
+    checkpoint.fit(model, source, block_size=cfg.block_size, vocab_size=meta["vocab_size"], **head)
+    for key in ARCH_FIELDS:  # an option set in the config that the start point's weights do not have
+        if arch[key] != getattr(GPTConfig(), key) and arch[key] != getattr(model.config, key):
+            raise ValueError(f"{source} has {key}={getattr(model.config, key)!r}, but the config sets "
+                             f"{key}={arch[key]!r}: the weights fix the architecture, so drop --{key}")
+    for key in WEIGHT_FIELDS:  # record the real shape and architecture
+        setattr(cfg, key, getattr(model.config, key))
+    if not resuming and (cfg.lora_rank or cfg.freeze_embeddings) and getattr(model, "vocab_grown_from", None):
+        print("warning: the new vocabulary rows start at the mean embedding and stay frozen with lora_rank or "
+              "freeze_embeddings: domain tokens will not be learned (train the embeddings, or drop the new tokens)")
+    if not resuming:
+        print(f"starting from {source}: n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd}"
+              f", vocab_size={model.config.vocab_size}")
+    return model
+
+
+def check_same_tokenizer(meta_path, meta, dataset):
+    """Fine-tuning another run's checkpoint: its token ids must mean the same text as the new dataset's."""
+    if not meta_path.is_file():
+        return  # nothing to compare (a checkpoint copied without its meta.json)
+    src = json.loads(meta_path.read_text(encoding="utf-8"))
+    for key in ("tokenizer", "chars", "extra_tokens"):
+        if src.get(key) != meta.get(key):
+            raise ValueError(f"{meta_path.parent} was trained with another tokenizer than {dataset} ({key} differs): "
+                             f"token ids would mean other text; prepare {dataset} with the checkpoint's tokenizer")
+
+
+def add_lora(model, rank, alpha, dropout, targets, adapter=None):
+    """LoRA adapters on the target layers (or those of a saved adapter, to resume); every other weight freezes,
+    except a classification head, which is new and must learn. Returns the adapted layer names."""
+    names = lora.load_adapter(model, adapter) if adapter is not None else \
+        lora.apply_lora(model, rank, alpha, dropout, targets)
+    if model.config.n_classes > 0:
+        model.cls_head.requires_grad_(True)
+    return names
+
+
+def loss_model(model, cfg):
+    """What the training step calls: forward(x, y, **kw) -> (logits, loss)."""
+    if cfg.chunked_loss:  # the output layer and loss a chunk of tokens at a time
+        return ChunkedLoss(model, cfg.chunked_loss)
+    if cfg.teacher:  # the student also learns the teacher's soft labels
+        teacher = load_teacher(cfg.teacher, cfg.device, model.config.vocab_size, cfg.block_size)
+        return Distill(model, teacher, cfg.distill_alpha, cfg.distill_temperature)
+    return model
+
+
+def batch_source(cfg, data):
+    """The source of each step's micro-batches. Its generator draws them; its state is saved in checkpoints."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train = data.splits["train"]
+    if cfg.task == "classify":
+        return classify.Rows(train, cfg, generator)
+    if cfg.seq_warmup_iters:
+        return curriculum.SeqWarmup(train, cfg, generator)
+    if cfg.curriculum == "unigram":
+        return curriculum.EasyFirstSource(train, cfg, generator, data.meta["vocab_size"])
+    return batches.Windows(train, cfg, generator)
+
+
+def evaluator(cfg, data):
+    """evaluate(model, ctx) -> {"train_loss": ..., "val_loss": ..., ...}: loss and perplexity over eval_iters
+    batches per split for a language model; loss, accuracy and macro-F1 for a classifier."""
+    if cfg.task == "classify":
+        n_classes = len(data.meta["labels"])
+        return lambda model, ctx: classify.evaluate_splits(model, data.splits, cfg, ctx, n_classes)
+    return lambda model, ctx: batches.estimate_loss(model, data.splits, cfg, ctx)

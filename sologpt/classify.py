@@ -1,0 +1,154 @@
+"""Sequence classification (train.py task="classify"): the classifier model, its data (examples written by
+prepare/classify.py), its batches (right-padded token rows with their lengths and labels) and its evaluation
+(loss, accuracy, macro-F1).
+
+The classifier is a GPT with a head on the pooled hidden states: a subclass, so it keeps GPT's weights and
+state-dict keys (plus cls_head.*) and a language model becomes one by a class swap (set_classifier).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT
+
+
+class ClassifyError(ValueError):
+    """A classification dataset that cannot be used; the message says what and how to fix it."""
+
+
+def check(cfg):
+    if cfg.task not in ("lm", "classify"):
+        raise ValueError(f"task={cfg.task!r} is unknown: use 'lm' or 'classify'")
+    if cfg.cls_pool not in ("last", "mean"):
+        raise ValueError(f"cls_pool={cfg.cls_pool!r} is unknown: use 'last' or 'mean'")
+
+
+class Classifier(GPT):
+    """forward(idx (B, T), targets (B,) class ids, lengths (B,) real tokens per row) -> ((B, n_classes), loss).
+    The last real token sees the whole text through causal attention ("last"); "mean" averages the real
+    positions instead. Right padding never reaches real tokens."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.cls_head = nn.Linear(config.n_embd, config.n_classes)
+        self._init_weights(self.cls_head)
+
+    def forward(self, idx, targets=None, lengths=None):
+        x = self.hidden_states(idx)  # (B, T, C)
+        B, T, _ = x.shape
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
+        if self.config.cls_pool == "last":
+            pooled = x[torch.arange(B, device=x.device), lengths - 1]  # (B, C)
+        else:
+            mask = (torch.arange(T, device=x.device)[None, :] < lengths[:, None]).to(x.dtype)  # (B, T)
+            pooled = (x * mask[..., None]).sum(1) / lengths[:, None].to(x.dtype)  # (B, C)
+        logits = self.cls_head(pooled)  # (B, n_classes)
+        loss = None if targets is None else F.cross_entropy(logits.float(), targets)
+        return logits, loss
+
+
+def set_classifier(model, n_classes, cls_pool="last"):
+    """Make a language model a classifier with a fresh head (its lm_head stays, unused, tied to the embedding)."""
+    model.config.n_classes, model.config.cls_pool = n_classes, cls_pool
+    model.__class__ = Classifier
+    model.cls_head = nn.Linear(model.config.n_embd, n_classes, device=model.transformer.wte.weight.device)
+    model._init_weights(model.cls_head)
+    return model
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+def load_split(data_dir, split, meta):
+    """(tokens, offsets, labels) numpy arrays of one split, checked against each other and meta.json."""
+    data_dir = Path(data_dir)
+    hint = "run prepare/classify.py again"
+    paths = [data_dir / f"{split}{suffix}.bin" for suffix in ("", "_offsets", "_labels")]
+    for p in paths:
+        if not p.is_file():
+            raise ClassifyError(f"{p} is missing: {hint}")
+    tokens = np.memmap(paths[0], dtype=np.dtype(meta["dtype"]), mode="r")
+    offsets = np.fromfile(paths[1], dtype=np.int64)
+    labels = np.fromfile(paths[2], dtype=np.int64)
+    n = len(labels)
+    if n == 0 or len(offsets) != n + 1 or offsets[-1] != len(tokens) or (np.diff(offsets) < 1).any():
+        raise ClassifyError(f"{data_dir}: {split} files do not match each other ({n} labels, {len(offsets)} "
+                            f"offsets, {len(tokens)} tokens): {hint}")
+    if labels.min() < 0 or labels.max() >= len(meta["labels"]):
+        raise ClassifyError(f"{paths[2]} has a label id outside 0..{len(meta['labels']) - 1}: {hint}")
+    return tokens, offsets, labels
+
+
+def make_batch(split, rows, block_size, device):
+    """Rows of a split -> x (B, T) right-padded with 0, lengths (B,), y (B,) labels. Longer examples keep their
+    last block_size tokens: the end marker the head reads must survive the cut."""
+    tokens, offsets, labels = split
+    x = np.zeros((len(rows), block_size), dtype=np.int64)  # (B, T)
+    lengths = np.zeros(len(rows), dtype=np.int64)
+    for b, i in enumerate(rows):
+        ids = tokens[max(offsets[i], offsets[i + 1] - block_size):offsets[i + 1]]
+        x[b, :len(ids)] = ids
+        lengths[b] = len(ids)
+    out = [torch.from_numpy(a) for a in (x, lengths, labels[rows])]
+    if device.startswith("cuda"):
+        return [t.pin_memory().to(device, non_blocking=True) for t in out]
+    return [t.to(device) for t in out]
+
+
+class Rows:
+    """The batch source of task "classify": every micro-batch is batch_size random examples (x, y, {lengths})."""
+
+    def __init__(self, split, cfg, generator):
+        self.split, self.cfg, self.generator = split, cfg, generator
+
+    def __call__(self, step):
+        return [self.batch(self.cfg.batch_size) for _ in range(self.cfg.gradient_accumulation_steps)]
+
+    def batch(self, batch_size, generator=None):
+        rows = torch.randint(len(self.split[2]), (batch_size,), generator=generator or self.generator).numpy()
+        x, lengths, y = make_batch(self.split, rows, self.cfg.block_size, self.cfg.device)
+        return x, y, {"lengths": lengths}
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------
+
+def macro_f1(pred, true, n_classes):
+    """The mean over classes of F1 = 2 TP / (2 TP + FP + FN); a class never predicted nor present counts 0."""
+    f1 = []
+    for c in range(n_classes):
+        tp = int(((pred == c) & (true == c)).sum())
+        fp = int(((pred == c) & (true != c)).sum())
+        fn = int(((pred != c) & (true == c)).sum())
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(f1) / n_classes
+
+
+@torch.no_grad()
+def evaluate(model, split, cfg, ctx, n_classes, max_examples=None):
+    """Loss, accuracy and macro-F1 over the first max_examples examples of a split (all of them by default)."""
+    model.eval()
+    n = len(split[2]) if max_examples is None else min(max_examples, len(split[2]))
+    total_loss, preds = 0.0, []
+    for start in range(0, n, cfg.batch_size):
+        rows = np.arange(start, min(start + cfg.batch_size, n))
+        x, lengths, y = make_batch(split, rows, cfg.block_size, cfg.device)
+        with ctx:
+            logits, loss = model(x, y, lengths=lengths)
+        total_loss += loss.item() * len(rows)
+        preds.append(logits.argmax(-1).cpu())
+    model.train()
+    pred, true = torch.cat(preds).numpy(), split[2][:n]
+    return {"loss": total_loss / n, "accuracy": float((pred == true).mean()), "macro_f1": macro_f1(pred, true, n_classes)}
+
+
+def evaluate_splits(model, splits, cfg, ctx, n_classes):
+    """The whole val split, and as many train examples as eval_iters batches: {train_loss, train_accuracy, ...}."""
+    out = {}
+    for split, data in splits.items():
+        scores = evaluate(model, data, cfg, ctx, n_classes, None if split == "val" else cfg.eval_iters * cfg.batch_size)
+        out.update({f"{split}_{k}": v for k, v in scores.items()})
+    return out

@@ -1,0 +1,83 @@
+"""A run's folder and its life: out_dir/ckpt.pt (saved at evaluations), last.pt (an interrupt's resume point when
+ckpt.pt must stay the best model), config.json, meta.json and metrics.jsonl; which checkpoint a resume reads; and
+the Ctrl-C / SIGTERM handling that lets the current step finish and saves before exiting."""
+
+import dataclasses
+import json
+import signal
+from pathlib import Path
+
+from sologpt import checkpoint
+from sologpt.configurator import UserError
+
+
+class RunDir:
+    def __init__(self, cfg):
+        self.path = Path(cfg.out_dir)
+        self.ckpt = self.path / "ckpt.pt"
+        # with always_save_checkpoint=False ckpt.pt must stay the best model, so an interrupt saves here
+        self.last = self.path / "last.pt"
+        self.metrics = self.path / "metrics.jsonl"
+        if cfg.init_from != "resume" and self.ckpt.exists() and not cfg.overwrite:
+            raise UserError(f"{self.ckpt} already exists: continue it with --init_from=resume, choose another "
+                            f"--out_dir, or pass --overwrite=True to replace it")
+        for source in (cfg.init_from, cfg.teacher):  # a new run in out_dir would overwrite its own start point
+            if source not in ("", "scratch", "resume") and Path(source).resolve() in (self.ckpt.resolve(),
+                                                                                      self.last.resolve()):
+                raise UserError(f"{source} is this run's own checkpoint, which the run would overwrite: copy it "
+                                f"elsewhere or pick another --out_dir")
+
+    def resume_checkpoint(self, cfg):
+        """(checkpoint dict, its path) to resume: last.pt if an interrupt left one, else ckpt.pt; checked against
+        the switches that must not change. batch_size="auto" keeps the batches the run had, not a new search."""
+        path = self.last if self.last.exists() else self.ckpt
+        try:
+            ckpt = checkpoint.read(path)
+            checkpoint.check_resume(ckpt, cfg, path)
+        except ValueError as e:
+            raise UserError(str(e))
+        if cfg.batch_size == "auto":
+            saved = ckpt["train_config"]
+            cfg.batch_size, cfg.gradient_accumulation_steps = saved["batch_size"], saved["gradient_accumulation_steps"]
+        return ckpt, path
+
+    def start(self, cfg, meta, iter_num):
+        """Write config.json and meta.json (sample.py finds the tokenizer beside the checkpoint), and cut from
+        metrics.jsonl the evaluations a resumed run will make again."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(self.path / "config.json", dataclasses.asdict(cfg))
+        checkpoint.write_json(self.path / "meta.json", meta)
+        kept = []
+        if cfg.init_from == "resume" and self.metrics.exists():
+            kept = [line for line in self.metrics.read_text().splitlines() if json.loads(line)["iter"] <= iter_num]
+        self.metrics.write_text("".join(line + "\n" for line in kept))
+
+    def save(self, state, best=True):
+        """ckpt.pt, or last.pt for a resume point that is not the best model; ckpt.pt supersedes last.pt."""
+        path = self.ckpt if best else self.last
+        checkpoint.save(path, state)
+        if best:
+            self.last.unlink(missing_ok=True)
+        return path
+
+    def finish(self):
+        self.last.unlink(missing_ok=True)  # the run is complete: a later resume starts from ckpt.pt
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM sets .signal; the loop finishes its step, saves and exits. A second Ctrl-C stops
+    at once. The previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.signal = None
+        self.old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def on_signal(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)

@@ -1,0 +1,116 @@
+"""sologpt/classify.py and prepare/classify.py on tiny CPU runs: a classifier learns and reports accuracy,
+its batches and padding, sample.py labels lines, and the errors for bad rows and mismatched data."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sample as sample_mod
+import train as train_mod
+from conftest import REPO, SHARED, SHAKESPEARE, bpe_flags, error_of, run_train as run
+from model import GPT, GPTConfig
+from sologpt import checkpoint, classify, hf_gpt2
+from sologpt.checkpoint import read as read_checkpoint
+from sologpt.configurator import load_config
+from tools import export as export_mod
+
+
+# ---- classification -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def polarity(tmp_path_factory):
+    """The first 600 labelled sentences of sentence_polarity at character level, 10% validation."""
+    root = tmp_path_factory.mktemp("cls")
+    rows = (SHARED / "data" / "sentence_polarity" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:600]
+    (root / "rows.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    cmd = [sys.executable, "prepare/classify.py", f"--input={root / 'rows.jsonl'}", "--name=pol",
+           f"--data_root={root / 'data'}", "--tokenizer=char"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def easy_classes(tmp_path_factory):
+    """A task a tiny model learns in a few dozen steps: the label is whether the text holds an 'x'."""
+    root = tmp_path_factory.mktemp("easy")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(400):
+        words = ["".join(rng.choice(list("abcdefg"), size=4)) for _ in range(5)]
+        if i % 2:
+            words[rng.integers(5)] = "xxxx"
+        rows.append({"text": " ".join(words), "label": "pos" if i % 2 else "neg"})
+    write_rows(root / "rows.jsonl", rows)
+    cmd = [sys.executable, "prepare/classify.py", f"--input={root / 'rows.jsonl'}", "--name=easy",
+           f"--data_root={root / 'data'}", "--tokenizer=char"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return root
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_classifier_learns_and_reports_accuracy(easy_classes, tmp_path, pool):
+    flags = [f"--data_root={easy_classes / 'data'}", "--dataset=easy", f"--out_dir={tmp_path / 'out'}",
+             "--device=cpu", "--task=classify", f"--cls_pool={pool}", "--n_layer=1", "--n_head=2", "--n_embd=32",
+             "--block_size=32", "--batch_size=32", "--max_iters=60", "--eval_interval=30", "--eval_iters=2",
+             "--learning_rate=1e-2", "--warmup_iters=5", "--progress=False"]
+    run(flags)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    last = lines[-1]
+    assert last["val_accuracy"] >= 0.9 and last["val_macro_f1"] >= 0.9, last
+    assert last["train_loss"] < 0.5 * lines[0]["train_loss"]
+    # sample.py classifies each line of the prompt with the trained head
+    labels = sample_mod.sample(load_config(sample_mod.SampleConfig, [f"--out_dir={tmp_path / 'out'}",
+                                                                     "--device=cpu", "--start=abcd xxxx bcde fgab cdef\nabcd efga bcde fgab cdef"]))
+    assert labels == ["pos", "neg"]
+
+
+def test_classifier_batches_right_padded_and_truncated_from_the_left():
+    tokens = np.arange(1, 11, dtype=np.uint16)  # examples [1..3], [4..10]
+    split = (tokens, np.array([0, 3, 10]), np.array([0, 1]))
+    x, lengths, y = classify.make_batch(split, np.array([0, 1]), 5, "cpu")
+    assert x.tolist() == [[1, 2, 3, 0, 0], [6, 7, 8, 9, 10]] and lengths.tolist() == [3, 5] and y.tolist() == [0, 1]
+    pred, true = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
+    assert classify.macro_f1(pred, true, 2) == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_padding_does_not_change_the_class_logits():
+    torch.manual_seed(0)
+    model = classify.Classifier(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64,
+                                          n_classes=3)).eval()
+    ids = torch.randint(1, 64, (1, 7))
+    padded = torch.cat([ids, torch.zeros(1, 9, dtype=torch.long)], dim=1)
+    for pool in ("last", "mean"):
+        model.config.cls_pool = pool
+        alone = model(ids)[0]
+        torch.testing.assert_close(model(padded, lengths=torch.tensor([7]))[0], alone, rtol=1e-5, atol=1e-5)
+
+
+def write_rows(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"text": "a", "label": "x"}, {"text": "b"}], "rows.jsonl:2 has no label"),
+    ([{"text": "a", "label": "x"}, {"text": "b", "label": "x"}], "only one class"),
+    ([{"txt": "a", "label": "x"}], "rows.jsonl:1 has no text"),
+])
+def test_prepare_classify_bad_rows(tmp_path, rows, message):
+    write_rows(tmp_path / "rows.jsonl", rows)
+    cmd = [sys.executable, "prepare/classify.py", f"--input={tmp_path / 'rows.jsonl'}", "--name=x",
+           f"--data_root={tmp_path}", "--tokenizer=char"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert not (tmp_path / "x" / "meta.json").exists()
+
+
+def test_task_and_data_must_agree(polarity, tiny_flags, capsys):
+    err = error_of(train_mod.main, [f"--data_root={polarity / 'data'}", "--dataset=pol", "--device=cpu"], capsys)
+    assert "holds 'classify' data but task='lm'" in err
+    err = error_of(train_mod.main, tiny_flags + ["--task=classify"], capsys)
+    assert "holds 'lm' data but task='classify'" in err
