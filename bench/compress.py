@@ -1,8 +1,8 @@
 """Compression experiments on tiny-shakespeare (characters): does a teacher help a small student, and does
 quantization-aware training make the int4 model better than post-training int4? Prints val loss / perplexity
-(README, Inference and compression).
+(docs/inference.md).
 
-    python bench_compress.py [--shared ../shared] [--device cuda]
+    python -m bench.compress [--shared ../shared] [--device cuda] [--only distill|qat]
 
 1. Distillation: a teacher (config/shakespeare_char.py, 6 layers x 384) and two students of config/small.py's
    shape (2 x 128), trained for the same steps on the same batches, one with the teacher's soft labels.
@@ -16,9 +16,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, config/, tools/
+
 
 def sh(*cmd):
-    res = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True)
+    """Run python with these arguments in the repository root (so config/ and -m tools.* resolve); its stdout."""
+    res = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, cwd=ROOT)
     if res.returncode:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{res.stderr[-3000:]}")
     return res.stdout
@@ -26,13 +29,13 @@ def sh(*cmd):
 
 def train(args, out, *flags):
     extra = [f"--eval_iters={args.eval_iters}"] if args.eval_iters else []
-    sh("train.py", *flags, *extra, f"--device={args.device}", f"--data_root={args.work / 'data'}",
+    sh(ROOT / "train.py", *flags, *extra, f"--device={args.device}", f"--data_root={args.work / 'data'}",
        f"--data_input={args.text}", f"--out_dir={out}", "--progress=False", "--sample_tokens=0", "--overwrite=True")
 
 
 def val_loss(args, ckpt):
-    """Mean NLL per character of the val text (score.py, stride half a block)."""
-    out = sh("score.py", f"--ckpt={ckpt}", f"--input={args.val_text}", f"--device={args.device}")
+    """Mean NLL per character of the val text (python -m tools.score, stride half a block)."""
+    out = sh("-m", "tools.score", f"--ckpt={ckpt}", f"--input={args.val_text}", f"--device={args.device}")
     line = next(x for x in out.splitlines() if "nats" in x or "NLL" in x or "nll" in x)
     return float(line.replace("=", " ").replace(":", " ").split("nats")[0].split()[-1]) if "nats" in line else line
 
@@ -48,9 +51,9 @@ def main():
     p.add_argument("--eval_iters", type=int, default=0, help="override the configs' (for a quick check)")
     p.add_argument("--only", choices=("distill", "qat"), help="run one of the two experiments")
     args = p.parse_args()
-    args.work = Path(args.work or tempfile.mkdtemp(prefix="bench_compress_"))
+    args.work = Path(args.work or tempfile.mkdtemp(prefix="bench_compress_")).resolve()  # the runs' cwd is ROOT
     args.work.mkdir(parents=True, exist_ok=True)
-    args.text = Path(args.shared) / "data" / "shakespeare" / "input.txt"
+    args.text = (Path(args.shared) / "data" / "shakespeare" / "input.txt").resolve()
     text = args.text.read_text(encoding="utf-8")
     args.val_text = args.work / "val.txt"
     args.val_text.write_text(text[int(len(text) * 0.9):], encoding="utf-8")  # the char dataset's val split
@@ -65,7 +68,7 @@ def main():
     train(args, w / "student", *small)
     train(args, w / "distilled", *small, f"--teacher={w / 'teacher' / 'ckpt.pt'}", "--distill_alpha=0.5",
           "--distill_temperature=2.0")
-    print(f"distillation, val NLL per character (score.py), {args.iters} student steps:")
+    print(f"distillation, val NLL per character (python -m tools.score), {args.iters} student steps:")
     for name in ("teacher", "student", "distilled"):
         print(f"  {name:10s} {val_loss(args, w / name / 'ckpt.pt')}", flush=True)
     if args.only != "distill":
@@ -77,14 +80,14 @@ def qat(args, w):
     base = w / "student" / "ckpt.pt"
     print(f"  float                          {val_loss(args, base)}")
     for mode in ("int8", "int4"):
-        sh("quantize.py", "--ckpt", base, "--mode", mode)
+        sh("-m", "tools.quantize", "--ckpt", base, "--mode", mode)
         print(f"  post-training {mode}              {val_loss(args, w / 'student' / f'ckpt_{mode}.pt')}", flush=True)
     more = ["config/small.py", f"--init_from={base}", f"--max_iters={args.qat_steps}",
             f"--eval_interval={args.qat_steps}", "--learning_rate=5e-4", "--min_lr=5e-5", "--warmup_iters=0"]
     train(args, w / "more", *more)
     train(args, w / "qat", *more, "--qat=int4")
     for name in ("more", "qat"):
-        sh("quantize.py", "--ckpt", w / name / "ckpt.pt", "--mode", "int4")
+        sh("-m", "tools.quantize", "--ckpt", w / name / "ckpt.pt", "--mode", "int4")
     print(f"  +{args.qat_steps} plain steps, float         {val_loss(args, w / 'more' / 'ckpt.pt')}")
     print(f"  +{args.qat_steps} plain steps, then int4     {val_loss(args, w / 'more' / 'ckpt_int4.pt')}")
     print(f"  +{args.qat_steps} QAT int4 steps, float      {val_loss(args, w / 'qat' / 'ckpt.pt')}")

@@ -1,8 +1,8 @@
 """Does a curriculum help? config/small.py on tiny-shakespeare (characters), three runs of the same steps and
 tokens: plain, sequence-length warmup, and easy-first ordering of the first epoch. Prints val loss against wall
-time at every evaluation (README, Your own corpus: curriculum).
+time at every evaluation (docs/training.md, Curriculum).
 
-    python bench_curriculum.py [--shared ../shared] [--device cpu] [--iters 3000]
+    python -m bench.curriculum [--shared ../shared] [--device cpu] [--iters 3000]
 """
 
 import argparse
@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, config/
 
 RUNS = {
     "plain": [],
@@ -28,15 +30,16 @@ def main():
     p.add_argument("--eval_interval", type=int, default=500)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_curriculum_"))
-    text = Path(args.shared) / "data" / "shakespeare" / "input.txt"
+    text = (Path(args.shared) / "data" / "shakespeare" / "input.txt").resolve()  # train.py runs in ROOT
     print(f"config/small.py, {args.iters} steps, device {args.device}; val loss at each evaluation (wall s)")
     for i, (name, flags) in enumerate(RUNS.items()):
         out = work / f"run{i}"
-        cmd = [sys.executable, "train.py", "config/small.py", f"--out_dir={out}", f"--data_root={work / 'data'}",
-               f"--data_input={text}", f"--device={args.device}", f"--max_iters={args.iters}",
-               f"--eval_interval={args.eval_interval}", "--progress=False", "--sample_tokens=0", *flags]
+        cmd = [sys.executable, str(ROOT / "train.py"), "config/small.py", f"--out_dir={out}",
+               f"--data_root={work / 'data'}", f"--data_input={text}", f"--device={args.device}",
+               f"--max_iters={args.iters}", f"--eval_interval={args.eval_interval}", "--progress=False",
+               "--sample_tokens=0", *flags]
         t = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if res.returncode:
             sys.exit(f"failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
         wall = time.perf_counter() - t

@@ -1,9 +1,9 @@
 """Does pretraining help, and how much of it does each fine-tuning method keep? Pretrain a small GPT on one text
 (the web text in ../shared/data/webtext, GPT-2 tokens), then fine-tune it on tiny-shakespeare for the same number
 of steps in four ways (all weights, half the layers frozen, LoRA rank 8 and 64) and train the same model from
-scratch for those steps. Prints the best val loss of each (README, Fine-tuning).
+scratch for those steps. Prints the best val loss of each (docs/finetuning.md).
 
-    python bench_finetune.py [--shared ../shared] [--pretrain_iters 1000] [--iters 300] [--device cuda]
+    python -m bench.finetune [--shared ../shared] [--pretrain_iters 1000] [--iters 300] [--device cuda]
 """
 
 import argparse
@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, prepare/
 
 MODEL = ["--n_layer=6", "--n_head=6", "--n_embd=384", "--block_size=256", "--batch_size=32", "--dropout=0.1",
          "--progress=False", "--sample_tokens=0", "--overwrite=True", "--compile=False"]
@@ -29,9 +31,9 @@ def read_any(path):
 
 
 def train(args, out, *flags):
-    cmd = [sys.executable, "train.py", *MODEL, f"--eval_iters={args.eval_iters}", f"--device={args.device}", f"--data_root={args.data_root}",
-           f"--out_dir={out}", *flags]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, str(ROOT / "train.py"), *MODEL, f"--eval_iters={args.eval_iters}", f"--device={args.device}",
+           f"--data_root={args.data_root}", f"--out_dir={out}", *flags]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
     lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -47,15 +49,15 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--eval_iters", type=int, default=20)
     args = p.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench_finetune_"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_finetune_")).resolve()  # the runs' cwd is ROOT
     work.mkdir(parents=True, exist_ok=True)
     args.data_root = work / "data"
-    shared = Path(args.shared) / "data"
+    shared = (Path(args.shared) / "data").resolve()
     web = work / "webtext.txt"
     web.write_text("\n\n".join(read_any(f) for f in sorted((shared / "webtext").glob("*.txt"))), encoding="utf-8")
     for name, src in (("webtext_bpe", web), ("shakespeare_bpe", shared / "shakespeare" / "input.txt")):
-        subprocess.run([sys.executable, "prepare/shakespeare.py", f"--input={src}", f"--name={name}",
-                        f"--data_root={args.data_root}"], check=True, capture_output=True)
+        subprocess.run([sys.executable, str(ROOT / "prepare" / "shakespeare.py"), f"--input={src}",
+                        f"--name={name}", f"--data_root={args.data_root}"], check=True, capture_output=True, cwd=ROOT)
 
     every = max(args.iters // 6, 1)
     pre = train(args, work / "pre", "--dataset=webtext_bpe", f"--max_iters={args.pretrain_iters}",

@@ -1,22 +1,25 @@
 """Generation speed: new tokens/s of greedy decoding with a KV cache, at batch 1 and 16, for sologpt's engine
-(inference.py, with and without the CUDA graph) and transformers' GPT2LMHeadModel.generate on the same weights
-(exported to a GPT-2 directory and loaded there), in one process.
+(sologpt/inference.py, with and without the CUDA graph) and transformers' GPT2LMHeadModel.generate on the same
+weights (exported to a GPT-2 directory and loaded there), in one process.
 
-    python bench_generate.py                      # GPT-2 124M shape, random weights, bf16, prompt 128, 256 new
-    python bench_generate.py --device cpu --batch_sizes 1 --new 64 --int8   # the CPU path, float and int8
+    python -m bench.generate                      # GPT-2 124M shape, random weights, bf16, prompt 128, 256 new
+    python -m bench.generate --device cpu --batch_sizes 1 --new 64 --int8   # the CPU path, float and int8
 
 The weight-read bound: each decode step reads every weight once, so tokens/s per row cannot beat
 (memory bandwidth / weight bytes); the table prints that bound from a measured device copy.
 """
 
 import argparse
+import copy
+import sys
 import tempfile
 import time
 
 import torch
 
-from inference import Engine
 from model import GPT, GPTConfig
+from sologpt import hf_gpt2, quantize
+from sologpt.inference import Engine
 
 
 def timed(fn, device, reps=3):
@@ -52,9 +55,11 @@ def main():
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--no_hf", action="store_true", help="skip transformers")
-    p.add_argument("--int8", action="store_true", help="also the int8 weight-only model (quantize.py)")
+    p.add_argument("--int8", action="store_true", help="also the int8 weight-only model (sologpt/quantize.py)")
     args = p.parse_args()
     dev = args.device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but this torch sees no CUDA GPU: use --device cpu")
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=1024,
                           vocab_size=50257)).eval()
@@ -73,14 +78,12 @@ def main():
         try:
             import transformers
             with tempfile.TemporaryDirectory() as d:
-                model.save_pretrained(d)
+                hf_gpt2.save(model, d)
                 hf = transformers.GPT2LMHeadModel.from_pretrained(d).eval().to(dev)
         except ImportError:
             print("(transformers not installed: its rows are skipped)")
     variants = [("sologpt engine + CUDA graph", model, True), ("sologpt engine, eager", model, False)]
     if args.int8:
-        import copy
-        import quantize
         variants.append(("sologpt int8 engine", quantize.quantize_model(copy.deepcopy(model), "int8"), dev == "cuda"))
     print(f"{'generator':32s} {'batch':>5} {'new tok/s':>10} {'ms/step':>8}")
     for B in args.batch_sizes:

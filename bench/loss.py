@@ -1,12 +1,12 @@
-"""What chunked_loss saves: peak memory and time of a training step, plain against chunked (chunked_ce.py).
+"""What chunked_loss saves: peak memory and time of a training step, plain against chunked (sologpt/chunked_ce.py).
 
 On the CPU or a GPU:
-    python bench_loss.py                                   # CPU: 2 x 128 model, GPT-2's vocabulary, 8 x 256 tokens
-    python bench_loss.py --device cuda --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 12 --compile
+    python -m bench.loss                                   # CPU: 2 x 128 model, GPT-2's vocabulary, 8 x 256 tokens
+    python -m bench.loss --device cuda --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 12 --compile
 
 Each variant runs in its own process, so the peak (CUDA: max allocated; CPU: the process's peak RSS, which
 includes Python and torch themselves, about 0.3-0.4 GB, printed as the "no step" row) belongs to it alone.
-A step is forward, backward and an AdamW update, as train.py does it.
+A step is train.py's train_step (forward, backward and an AdamW update), without gradient clipping.
 """
 
 import argparse
@@ -15,18 +15,26 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the children run python -m bench.loss there
 
 
-def child(args):
+def child(args):  # torch and the project are imported here only: the parent process stays bare
     import torch
+
+    import train
     from model import GPT, GPTConfig
+    from sologpt.chunked_ce import ChunkedLoss
+    from sologpt.hardware import LossScaler
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
     model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
                           vocab_size=args.vocab_size, vocab_pad_multiple=64)).to(args.device)
-    model.loss_chunk = args.chunk
+    loss_model = ChunkedLoss(model, args.chunk) if args.chunk > 0 else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(loss_model) if args.compile else loss_model
+    scaler = LossScaler(args.device.partition(":")[0], enabled=False)  # bf16 / float32: no loss scaling
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=args.device)
     y = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=args.device)
@@ -34,11 +42,7 @@ def child(args):
     times = []
     for i in range(args.steps + 2 if args.chunk >= 0 else 0):
         t = time.perf_counter()
-        with ctx:
-            _, loss = fwd(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train.train_step(fwd, opt, scaler, [(x, y, {})], ctx, grad_clip=0.0)
         sync()
         if i >= 2:  # the first steps allocate optimizer state (and compile)
             times.append(time.perf_counter() - t)
@@ -71,7 +75,7 @@ def main():
     print("| --- | ---: | ---: | ---: |")
     for chunk in ([-1] if not args.device.startswith("cuda") else []) + args.chunks:
         argv = [a for a in sys.argv[1:]] + [f"--child_chunk={chunk}"]
-        out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "bench.loss", *argv], capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             print(f"| chunk {chunk} | failed: {out.stderr.strip().splitlines()[-1]} |")
             continue

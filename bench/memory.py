@@ -1,13 +1,13 @@
 """How big a model trains on one GPU within a memory budget, and how fast: for each model shape and each set of
 memory switches, the largest micro-batch that fits (block 1024), its tokens/s, peak memory and trainable parameters.
 
-    python bench_memory.py --cap_gib 24                                   # the memory table (README, Memory)
-    python bench_memory.py --cap_gib 79 --shapes 350M --modes full freeze_half lora8 lora64   # fine-tuning table
+    python -m bench.memory --cap_gib 24                                   # the memory table (docs/memory.md)
+    python -m bench.memory --cap_gib 79 --shapes 350M --modes full freeze_half lora8 lora64   # docs/finetuning.md
 
 The budget is simulated with torch.cuda.set_per_process_memory_fraction. Each (shape, mode) runs in its own
 process so nothing carries over. Weights are random (speed and memory do not depend on their values); the model is
 built on the GPU before the cap is set (loading real weights would not need more than the weights themselves).
-Steps run eagerly (no torch.compile), so each row costs seconds, not a compile.
+Steps run eagerly (no torch.compile), so each row costs seconds, not a compile. Each step is train.py's train_step.
 """
 
 import argparse
@@ -16,6 +16,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the children run python -m bench.memory there
 
 # name -> (n_layer, n_head, n_embd): the GPT-2 family, then GPT-3-style 2.7B and 6.7B shapes (Brown et al. 2020)
 SHAPES = {"124M": (12, 12, 768), "350M": (24, 16, 1024), "774M": (36, 20, 1280), "1.5B": (48, 25, 1600),
@@ -34,11 +37,14 @@ MODES = {
 
 def run_one(shape, mode, args):
     """In a fresh process: build, cap, search the micro-batch, time it. Prints one JSON line."""
-    import torch
-    import finetune
-    import memory
+    import torch  # the project is imported in the child only: the parent just starts processes
+
     import train
     from model import GPT, GPTConfig
+    from sologpt import memory
+    from sologpt.build import add_lora
+    from sologpt.freeze import freeze
+    from sologpt.hardware import LossScaler
 
     n_layer, n_head, n_embd = SHAPES[shape]
     sw = MODES[mode]
@@ -52,11 +58,11 @@ def run_one(shape, mode, args):
         if low:  # a frozen base never needs fp32: build it in bf16 so building stays within the card
             torch.set_default_dtype(torch.bfloat16)
         model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=args.block_size,
-                              vocab_size=50257, vocab_pad_multiple=64))
+                              vocab_size=50257, vocab_pad_multiple=64, grad_checkpointing=cfg.grad_checkpointing))
         torch.set_default_dtype(torch.float32)
-    finetune.freeze(model, cfg.freeze_layers)
+    freeze(model, cfg.freeze_layers)
     if cfg.lora_rank:
-        finetune.add_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, cfg.lora_targets)
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, cfg.lora_targets)
         for name, p in model.named_parameters():  # adapters train in fp32, whatever the base was built in
             if p.requires_grad:
                 p.data = p.data.float()
@@ -65,22 +71,17 @@ def run_one(shape, mode, args):
         for m in model.modules():
             if isinstance(m, (torch.nn.Embedding, torch.nn.LayerNorm)):
                 m.float()
-    model.grad_checkpointing = cfg.grad_checkpointing
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = train.make_optimizer(model, cfg, "cuda")
     ctx = torch.autocast("cuda", dtype=torch.bfloat16)
+    scaler = LossScaler("cuda", enabled=False)  # bf16: no loss scaling
 
     def step(b):
         x = torch.randint(50257, (b, args.block_size), device="cuda")
-        with ctx:
-            _, loss = model(x, x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train.train_step(model, optimizer, scaler, [(x, x, {})], ctx, grad_clip=1.0)
 
     def try_step(b):  # a real step, optimizer state included; lr 0 leaves the weights as they are
         for g in optimizer.param_groups:
@@ -134,6 +135,8 @@ def main():
     if args.one:
         return run_one(*args.one, args)
     import torch
+    if not torch.cuda.is_available():
+        sys.exit("error: python -m bench.memory measures CUDA memory: this torch sees no CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, budget {args.cap_gib:g} GiB, block "
           f"{args.block_size}, bf16 autocast, eager, PYTORCH_CUDA_ALLOC_CONF="
           f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')}")
@@ -144,11 +147,11 @@ def main():
             if mode in failed:
                 print(f"{shape:>6} {mode:>12} {'':>14} {'skipped (a smaller shape did not fit)':>30}", flush=True)
                 continue
-            cmd = [sys.executable, __file__, "--one", shape, mode] + [a for a in sys.argv[1:]]
+            cmd = [sys.executable, "-m", "bench.memory", "--one", shape, mode] + [a for a in sys.argv[1:]]
             # expandable segments let freed blocks be reused for other sizes: less fragmentation near the cap
             env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
                                                                            "expandable_segments:True")}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 print(f"{shape:>6} {mode:>12} crashed: {(out.stderr.strip().splitlines() or ['?'])[-1][:100]}",

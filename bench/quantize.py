@@ -1,14 +1,14 @@
-"""What weight-only quantization (quantize.py) costs and saves, for one trained checkpoint: float vs int8 vs int4.
+"""What weight-only quantization (sologpt/quantize.py) costs and saves, for one checkpoint: float vs int8 vs int4.
 
-    python bench_quantize.py --out_dir=out-small                          # its dataset's val.bin, auto device
-    python bench_quantize.py --out_dir=out-gpt2 --input=held_out.txt --device=cuda --both
+    python -m bench.quantize --out_dir=out-small                          # its dataset's val.bin, auto device
+    python -m bench.quantize --out_dir=out-gpt2 --input=held_out.txt --device=cuda --both
 
-For each kind it prints: the checkpoint file size (saved as quantize.py saves it: weights and config, no optimizer
-state, so the float row is the fair baseline), the bytes of the model's state dict, greedy generation speed at
-batch 1 (model.generate with its KV cache, new_tokens after a prompt_tokens prompt), and the perplexity of the
-evaluation text (score.py's strided evaluation) with its change against float.
+For each kind it prints: the checkpoint file size (saved as python -m tools.quantize saves it: weights and config,
+no optimizer state, so the float row is the fair baseline), the bytes of the model's state dict, greedy generation
+speed at batch 1 (model.generate with its KV cache, new_tokens after a prompt_tokens prompt), and the perplexity of
+the evaluation text (tools/score.py's strided evaluation) with its change against float.
 Expect smaller files and memory, a small perplexity change, and slower generation: these layers dequantize their
-weight on every forward instead of running a fused low-bit kernel (quantize.py says why).
+weight on every forward instead of running a fused low-bit kernel (sologpt/quantize.py says why).
 """
 
 import argparse
@@ -20,17 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import finetune
-import quantize
-import score
-import tokenizer as tok
-from configurator import UserError, autocast_context, resolve_device
-from model import read_checkpoint
+from sologpt import checkpoint, quantize, tokenizer as tok
+from sologpt.configurator import UserError
+from sologpt.hardware import autocast_context, resolve_device
+from tools import score
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 1, like every other script here
-        raise UserError(f"{message} (see python bench_quantize.py --help)")
+        raise UserError(f"{message} (see python -m bench.quantize --help)")
 
 
 def parse_args(argv):
@@ -55,7 +53,7 @@ def parse_args(argv):
 def eval_tokens(args, ckpt, ckpt_path, vocab_size):
     """The token ids to score: --input tokenized with the checkpoint's tokenizer, else its dataset's val.bin."""
     if args.input:
-        enc = tok.from_meta(tok.load_meta(score.find_meta(ckpt_path, ckpt)))
+        enc = tok.from_meta(tok.load_meta(tok.find_meta(ckpt_path, ckpt)))
         ids = score.encode(enc, score.read_text(args.input), vocab_size)
     else:
         train_cfg = ckpt.get("train_config") or {}
@@ -81,12 +79,14 @@ def int4_group_size(n_embd, wanted):
 def variants(ckpt, ckpt_path, group_size):
     """(name, checkpoint dict) for float, int8 and int4; the float one holds the weights without training state.
     A LoRA checkpoint is merged first, so every row is the same plain GPT."""
-    model = finetune.load_model(ckpt, ckpt_path)
-    kept = {k: v for k, v in ckpt.items() if k not in (*quantize.RESUME_ONLY_KEYS, "adapter", "init_source")}
-    float_ckpt = {**kept, "model_config": model.config_dict(), "model": model.state_dict()}
+    model = checkpoint.load_model(ckpt, ckpt_path)
+    kept = {k: v for k, v in ckpt.items() if k not in (*checkpoint.RESUME_ONLY_KEYS, "adapter", "init_source")}
+    if "train_config" in kept:  # a bf16 / int8 frozen base is float32 again here: load_model must not lower it
+        kept["train_config"] = {**kept["train_config"], "base_dtype": "fp32"}
+    float_ckpt = {**kept, "model_config": checkpoint.model_config(model), "model": model.state_dict()}
     yield "float", float_ckpt
-    yield "int8", quantize.quantized_checkpoint(float_ckpt, "int8")
-    yield "int4", quantize.quantized_checkpoint(float_ckpt, "int4", group_size)
+    yield "int8", checkpoint.quantized(float_ckpt, "int8")
+    yield "int4", checkpoint.quantized(float_ckpt, "int4", group_size)
 
 
 def sync(device):
@@ -113,8 +113,8 @@ def tokens_per_s(model, prompt, new_tokens, device, ctx, repeats):
 def measure(name, variant, folder, ids, devices, args):
     """One table row: file size, weight bytes, perplexity (on the first device) and generation speed per device."""
     file = Path(folder) / f"{name}.pt"
-    quantize.save_atomic(variant, file)  # as quantize.py writes it: the file a user would ship
-    model = finetune.load_model(variant, file)
+    checkpoint.save(file, variant)  # as python -m tools.quantize writes it: the file a user would ship
+    model = checkpoint.load_model(variant, file)
     row = {"name": name, "file": file.stat().st_size, "weights": quantize.state_dict_bytes(variant["model"])}
     for i, (device, device_type, dtype) in enumerate(devices):
         model.to(device).eval()
@@ -154,8 +154,8 @@ def run(args):
     if args.both and devices[0][1] != "cpu":
         devices.append(resolve_device("cpu", "auto"))
     try:
-        ckpt = read_checkpoint(path)
-        if quantize.is_quantized(ckpt):
+        ckpt = checkpoint.read(path)
+        if "quantization" in ckpt:
             raise UserError(f"{path} is already quantized: benchmark the float checkpoint it came from")
         config = ckpt["model_config"]
         if config.get("n_classes", 0) > 0:

@@ -1,6 +1,6 @@
 """How fast does prepare/text.py turn text into tokens, and how does it scale with cores?
 
-    python bench_tokenize.py [--mb 200] [--seed 0] [--max_workers N | --workers 1 2 4 8 16]
+    python -m bench.tokenizer_speed [--mb 200] [--seed 0] [--max_workers N | --workers 1 2 4 8 16]
 
 Writes a seeded synthetic corpus (JSONL, documents of a few KB made of words drawn from tiny-shakespeare's
 word frequencies, or from a built-in list when that file is missing) into a temporary folder, then prints
@@ -25,7 +25,8 @@ import tiktoken
 
 from prepare import text as prep
 
-SHAKESPEARE = Path(__file__).resolve().parent.parent / "shared" / "data" / "shakespeare" / "input.txt"
+ROOT = Path(__file__).resolve().parents[1]  # the repository; the shared data lie beside it
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare" / "input.txt"
 FALLBACK_WORDS = ("the of and to a in is that it was for on are as with his they at be this from have or by one "
                   "had not but what all were when we there can an your which their said if do will each about how "
                   "up out them then she many some so these would other into has more her two like him see time "

@@ -131,3 +131,28 @@ def bpe_flags(root, out, *extra, init=None):
     return [f"--data_root={root / 'data'}", "--dataset=bpe", f"--out_dir={out}", "--device=cpu", "--block_size=32",
             "--batch_size=4", "--eval_interval=3", "--eval_iters=2", "--progress=False", "--sample_tokens=0",
             "--learning_rate=3e-3", "--warmup_iters=0", f"--init_from={init}", *extra]
+
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)  # the tiny test model
+
+
+def make_model(seed=0, **overrides):
+    """A tiny GPT (TINY, with overrides) in eval mode."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+
+
+def perturb(model, seed=1, std=0.5):
+    """Replace the near-zero init (c_proj std ~0.007, zero biases) with larger random weights so that the attention
+    and MLP paths clearly matter and a wrong mask or position could not hide in noise."""
+    import math
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std / math.sqrt(max(p.shape[-1], 1)) + p)
+    return model
+
+
+def rand_ids(B, T, seed=0, vocab=64):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))

@@ -1,36 +1,15 @@
 """sologpt/checkpoint.py: the format (read's errors for missing, truncated, random and foreign files), the
 atomic save, and the model of every checkpoint kind."""
 
-import math
-
 import pytest
 import torch
 
+from conftest import make_model, perturb, rand_ids
 from model import GPT, GPTConfig
 from sologpt import checkpoint
 from sologpt.checkpoint import FORMAT_VERSION as CKPT_FORMAT_VERSION, read as read_checkpoint
 
 V = 64  # vocabulary of the tiny models
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=V, dropout=0.0)
-ATOL, RTOL = 1e-5, 1e-4
-
-
-def make_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**TINY, **overrides}))
-    return model.eval()
-
-
-def perturb(model, seed=1, std=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std / math.sqrt(max(p.shape[-1], 1)) + p)
-    return model
-
-
-def rand_ids(B, T, seed=0, vocab=V):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def _checkpoint(model):

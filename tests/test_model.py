@@ -7,18 +7,12 @@ import math
 import pytest
 import torch
 
+from conftest import TINY, make_model, perturb, rand_ids
 from model import GPT, GPTConfig, KVCache, sample_next
 from sologpt import checkpoint
 
 V = 64  # vocabulary of the tiny models
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=V, dropout=0.0)
 ATOL, RTOL = 1e-5, 1e-4
-
-
-def make_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**TINY, **overrides}))
-    return model.eval()
 
 
 def twin(model, **overrides):
@@ -26,20 +20,6 @@ def twin(model, **overrides):
     other = GPT(GPTConfig(**{**vars(model.config), **overrides}))
     other.load_state_dict(model.state_dict())
     return other.train(model.training)
-
-
-def perturb(model, seed=1, std=0.5):
-    """Replace the near-zero init (c_proj std ~0.007, zero biases) with larger random weights so that
-    the attention and MLP paths clearly matter and a wrong mask or position could not hide in noise."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std / math.sqrt(max(p.shape[-1], 1)) + p)
-    return model
-
-
-def rand_ids(B, T, seed=0, vocab=V):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 # ---- 1. shapes and loss -----------------------------------------------------------------------------
