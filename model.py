@@ -19,7 +19,7 @@ class GPTConfig:
     block_size: int = 1024  # longest sequence (learned position embeddings)
     vocab_size: int = 50257  # GPT-2's BPE vocabulary
     vocab_pad_multiple: int = 1  # round the embedding rows up to a multiple of this: 64 makes the output matmul
-    # a shape the GPU runs fast (measured in README, Performance); the extra rows are never read or predicted
+    # a shape the GPU runs fast (docs/performance.md); the extra rows are never read or predicted
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -239,12 +239,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:  # tied input and output embeddings (GPT-2, Press & Wolf 2017)
             self.lm_head.weight = self.transformer.wte.weight
+        self.add_task_head(config)  # none for a language model; a task's subclass adds its head (classify.py)
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale the residual projections by 1/sqrt(number of residual layers),
         # so the residual stream's variance does not grow with depth (two residual adds per block)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def add_task_head(self, config):
+        pass
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

@@ -27,7 +27,7 @@ from sologpt.inference import Engine
 @dataclass
 class SampleConfig:
     out_dir: str = "out"  # folder with ckpt.pt and meta.json
-    ckpt: str = ""  # another checkpoint file to load (e.g. out/ckpt_int8.pt from quantize.py); "" is out_dir/ckpt.pt
+    ckpt: str = ""  # another checkpoint file (e.g. out/ckpt_int8.pt from tools/quantize.py); "" is out_dir/ckpt.pt
     start: str = "\n"  # the prompt, or FILE:path to read it from a file; "" starts from the end-of-text token
     num_samples: int = 3
     max_new_tokens: int = 500

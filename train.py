@@ -6,7 +6,7 @@
 
 Read top to bottom: the config, the learning rate, the optimizer, the training step, then train(), which decides
 every feature once (sologpt/build.py turns each into a module swap, a wrapper or a batch source) and then runs a
-loop that names none of them. The library behind it is sologpt/ (README: the file tree).
+loop that names none of them. The library behind it is sologpt/ (the README has the file tree).
 """
 
 import functools
@@ -156,14 +156,15 @@ def make_optimizer(model, cfg, device_type):
 
 # ---- one optimizer step ---------------------------------------------------------------------------------------
 
-def train_step(model, optimizer, scaler, batches, ctx, grad_clip):
+def train_step(model, optimizer, scaler, micro_batches, ctx, grad_clip):
     """Forward and backward on each micro-batch (x, y, kw), then clip and step; returns the step's mean loss (a
-    device tensor: reading it would make the CPU wait). A CUDA graph records this same function (cuda_graph.py)."""
+    device tensor: reading it would make the CPU wait). A CUDA graph records this same function
+    (sologpt/cuda_graph.py)."""
     total = 0.0
-    for x, y, kw in batches:  # gradient_accumulation_steps micro-batches
+    for x, y, kw in micro_batches:  # gradient_accumulation_steps of them
         with ctx:  # autocast: matmuls in bf16 / fp16, the loss in float32
             _, loss = model(x, y, **kw)
-            loss = loss / len(batches)  # gradients add up over the micro-batches: scale each to their mean
+            loss = loss / len(micro_batches)  # gradients add up over the micro-batches: scale each to their mean
         scaler.scale(loss).backward()  # float16: the loss scaled up so small gradients survive; else unchanged
         total = total + loss.detach()
     if grad_clip > 0:
@@ -215,11 +216,11 @@ def train(cfg):
 
     print_config(cfg, "config (resolved)")
     run.start(cfg, data.meta, progress.iter_num)
-    t_start = t0 - progress.elapsed_s
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    t_start = t0 - progress.elapsed_s  # time_s in metrics.jsonl continues across resumes
+    monitor = Monitor(cfg, model, scaler, metrics_path=run.metrics, ckpt_path=run.ckpt, iter_num=progress.iter_num,
+                      t_start=t_start)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters (position embeddings not counted); "
-          f"{tokens_per_step:,} tokens per step on {cfg.device} in {cfg.dtype}")
-    monitor = Monitor(cfg, model, scaler, run.metrics, run.ckpt, progress.iter_num, t_start)
+          f"{monitor.tokens_per_step:,} tokens per step on {cfg.device} in {cfg.dtype}")
 
     def state():  # what a resumed run needs to continue exactly
         return checkpoint.training_state(model, optimizer, scaler, source.generator, progress, cfg, init_source,
@@ -235,7 +236,7 @@ def train(cfg):
                     improved = metrics["val_loss"] < progress.best_val_loss
                     progress.best_val_loss = min(progress.best_val_loss, metrics["val_loss"])
                     progress.last_eval_iter = it
-                    monitor.evaluation(it, metrics, improved, get_lr(max(it - 1, 0), cfg))
+                    monitor.evaluation(it, metrics, improved, lr=get_lr(max(it - 1, 0), cfg))  # the last step's lr
                     if improved or cfg.always_save_checkpoint:
                         run.save(state())
                 if it >= cfg.max_iters:

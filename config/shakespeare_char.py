@@ -1,7 +1,7 @@
 # The one-GPU recipe: a 10.7M-parameter character-level model on tiny-shakespeare.
 #   python train.py config/shakespeare_char.py
 # Small data (1M characters), so the model overfits without dropout; evaluate often and keep the best.
-# Measured on an H200 (README, Results): best val 1.4458 at step 1750; val <= 1.47 26 s after process start.
+# Measured on an H200 (docs/training.md, Results): best val 1.4458 at step 1750; val <= 1.47 26 s after process start.
 out_dir = "out-shakespeare-char"
 dataset = "shakespeare_char"
 always_save_checkpoint = False  # keep only the checkpoint with the best val loss
@@ -24,6 +24,6 @@ eval_iters = 50  # 50 * 64 * 256 windows cover the 111k-token val split about 7 
 log_interval = 50
 # This model is too small to keep the GPU busy: eager steps are bound by Python and kernel launches.
 # Replaying each step as one CUDA graph removes that (10.7-17 -> 7.8 ms/step on an H200), while torch.compile's
-# ~14 s of start-up cost more than it saves over 2500 steps (measured; README, Performance)
+# ~14 s of start-up cost more than it saves over 2500 steps (measured; docs/performance.md)
 compile = False
 cuda_graphs = "auto"  # on for CUDA; off on CPU or MPS, where the recipe still runs, slowly

@@ -1,6 +1,6 @@
 # CPU quick start: a small character-level model on tiny-shakespeare in under 3 minutes on 2 CPU cores.
 #   python train.py config/small.py
-# Tuned on a 2-core CPU (README, Results): at a fixed time budget a shallow model that takes many steps at a
+# Tuned on a 2-core CPU (docs/training.md, Results): at a fixed time budget a shallow model that takes many steps at a
 # high learning rate beat deeper or wider ones (3 or 4 layers, width 192) and longer contexts (block 128).
 out_dir = "out-small"
 dataset = "shakespeare_char"

@@ -39,12 +39,13 @@ def load_dataset(cfg):
     files = [data_dir / name for name in ("train.bin", "val.bin", "meta.json")]
     script = None if cfg.dataset in PREPARE_HELPERS or not cfg.dataset.isidentifier() else \
         find_spec(f"prepare.{cfg.dataset}")
-    hint = f"run python prepare/{cfg.dataset}.py" if script else "prepare it first (README: 'Your own text')"
+    hint = f"run python prepare/{cfg.dataset}.py" if script else "prepare it first (docs/data.md)"
     if not any(f.exists() for f in files) and script:
         print(f"{data_dir} is not prepared yet: running prepare/{cfg.dataset}.py")
-        cmd = [sys.executable, "-m", f"prepare.{cfg.dataset}", "--data_root", cfg.data_root]
+        # absolute paths: the script runs where the prepare package lives, not in the user's folder
+        cmd = [sys.executable, "-m", f"prepare.{cfg.dataset}", "--data_root", str(Path(cfg.data_root).resolve())]
         if cfg.data_input:
-            cmd += ["--input", cfg.data_input]
+            cmd += ["--input", str(Path(cfg.data_input).resolve())]
         root = Path(script.origin).parents[1]  # where the prepare package lives: run it from there
         if subprocess.run(cmd, cwd=root).returncode != 0:
             raise UserError(f"preparing {data_dir} failed (see above); offline, pass --data_input=path/to/input.txt")

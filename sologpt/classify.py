@@ -32,10 +32,8 @@ class Classifier(GPT):
     The last real token sees the whole text through causal attention ("last"); "mean" averages the real
     positions instead. Right padding never reaches real tokens."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def add_task_head(self, config):  # GPT.__init__ calls it before initialising the weights
         self.cls_head = nn.Linear(config.n_embd, config.n_classes)
-        self._init_weights(self.cls_head)
 
     def forward(self, idx, targets=None, lengths=None):
         x = self.hidden_states(idx)  # (B, T, C)

@@ -79,11 +79,14 @@ class EasyFirstSource(Windows):
     def __init__(self, data, cfg, generator, vocab_size):
         super().__init__(data, cfg, generator)
         self.easy = EasyFirst(data, cfg.block_size, vocab_size)
-        print(f"curriculum: {len(self.easy.order):,} windows, easiest first for "
-              f"{len(self.easy.order) // (cfg.batch_size * cfg.gradient_accumulation_steps):,} steps")
+        self.announced = False
 
     def __call__(self, step):
         accum, out = self.cfg.gradient_accumulation_steps, []
+        if not self.announced:  # here, not at setup: batch_size="auto" is only known after the source is made
+            self.announced = True
+            print(f"curriculum: {len(self.easy.order):,} windows, easiest first for "
+                  f"{len(self.easy.order) // (self.cfg.batch_size * accum):,} steps")
         for micro in range(accum):
             xy = self.easy.batch(step * accum + micro, self.cfg.batch_size, self.cfg.device)
             out.append((*xy, {}) if xy is not None else self.batch(self.cfg.batch_size))

@@ -12,10 +12,10 @@ for Deep Learning"). The forward saves the fp8 copies for backward, which also h
 `fp8_head = True` runs the output layer (at GPT-2 124M its matmuls are about a third of the model's matmul
 FLOPs) in fp8, with or without `fp8` for the blocks; with tied weights the embedding lookup of the same tensor stays
 an ordinary float lookup. At 768 wide only the head pays: its matmuls are large (tokens x 768 x 50304), while the
-blocks' are small enough that measuring and casting each operand costs what fp8 saves (README, Performance).
+blocks' are small enough that measuring and casting each operand costs what fp8 saves (docs/performance.md).
 
 The numbers differ from bf16 (3 mantissa bits instead of 7), so this is not the same function: tests check it
-stays close to the plain path, and the README reports the loss it reaches.
+stays close to the plain path, and docs/performance.md reports the speed it reaches.
 """
 
 import torch

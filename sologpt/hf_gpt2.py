@@ -59,7 +59,7 @@ def save(model, path):
         raise ValueError("a model with bias=False cannot be exported as GPT-2, which has biases")
     if c.modern_options():
         raise ValueError(f"a model with {', '.join(c.modern_options())} cannot be exported as GPT-2, which has "
-                         f"none of these: keep the sologpt checkpoint (sample.py and score.py read it)")
+                         f"none of these: keep the sologpt checkpoint (sample.py and tools/score.py read it)")
     if c.n_classes > 0:
         raise ValueError("a classifier (n_classes > 0) cannot be exported as GPT2LMHeadModel")
     path = Path(path)

@@ -166,12 +166,6 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=("c_attn",)):
     return [name for name, *_ in found]
 
 
-def count_trainable(model):
-    """(trainable, total) parameter counts; parameters() lists the tied embedding once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def lora_state_dict(model):
     """Only the adapter tensors, keyed like 'transformer.h.0.attn.c_attn.lora_A'."""
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}

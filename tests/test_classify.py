@@ -114,3 +114,13 @@ def test_task_and_data_must_agree(polarity, tiny_flags, capsys):
     assert "holds 'classify' data but task='lm'" in err
     err = error_of(train_mod.main, tiny_flags + ["--task=classify"], capsys)
     assert "holds 'lm' data but task='classify'" in err
+
+
+def test_a_new_classifier_draws_its_weights_as_before_the_redesign():
+    """The head is made before the weights are initialised, as GPT(n_classes=3) did: a classifier trained from
+    scratch starts from the same weights (values printed by the pre-redesign model.py, seed 0)."""
+    torch.manual_seed(0)
+    m = classify.Classifier(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_classes=3))
+    torch.testing.assert_close(m.cls_head.weight[0, :3], torch.tensor([0.018236180767, 0.002815536456, -0.008363409899]))
+    torch.testing.assert_close(m.transformer.h[1].mlp.c_proj.weight[0, :2], torch.tensor([-0.012563676573,
+                                                                                          -0.003797887824]))

@@ -44,3 +44,16 @@ def test_warmup_and_curriculum_together_are_refused(tiny_flags, capsys):
     with pytest.raises(SystemExit):
         train_mod.main(tiny_flags + ["--seq_warmup_iters=4", "--seq_warmup_start=8", "--curriculum=unigram"])
     assert "cannot be combined" in capsys.readouterr().err
+
+
+def test_easy_first_source_can_be_made_before_the_batch_size_is_known(char_data):
+    """train.py makes the batch source before batch_size="auto" is resolved (the search draws its trial batches
+    from it): the source may read the batch size only when it is called."""
+    from sologpt import batches, build
+    cfg = train_mod.TrainConfig(data_root=str(char_data), dataset="tiny", block_size=32, batch_size="auto",
+                                curriculum="unigram", device="cpu")
+    source = build.batch_source(cfg, batches.load_dataset(cfg))
+    x, y, kw = source.batch(3, torch.Generator().manual_seed(0))  # a trial batch of the search
+    assert x.shape == (3, 32) and kw == {}
+    cfg.batch_size = 4
+    assert source(0)[0][0].shape == (4, 32)

@@ -30,3 +30,18 @@ def test_export_to_hugging_face_gives_identical_logits(tiny_flags, tmp_path, cap
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
     assert "nothing to do" in error_of(export_mod.main, [f"--out_dir={tmp_path / 'out'}"], capsys)
+
+
+def test_merged_checkpoint_of_a_low_precision_base_run_loads(tiny_flags, tmp_path, capsys):
+    run(tiny_flags + ["--max_iters=2"])
+    flags = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'f'}" for f in tiny_flags]
+    run(flags + [f"--init_from={tmp_path / 'out' / 'ckpt.pt'}", "--max_iters=2", "--freeze_layers=1",
+                 "--base_dtype=int8"])
+    export_mod.main([f"--out_dir={tmp_path / 'f'}", f"--merged_ckpt={tmp_path / 'm.pt'}"])
+    merged = checkpoint.load_model(read_checkpoint(tmp_path / "m.pt")).eval()
+    ours = checkpoint.load_model(read_checkpoint(tmp_path / "f" / "ckpt.pt")).eval()
+    idx = torch.randint(0, 65, (1, 8))
+    assert torch.equal(merged(idx)[0], ours(idx)[0])
+    err = error_of(export_mod.main, [f"--out_dir={tmp_path / 'f'}", f"--merged_ckpt={tmp_path / 'no' / 'm.pt'}"],
+                   capsys)
+    assert "does not exist" in err

@@ -1,4 +1,4 @@
-"""The shape of the house (DESIGN.md, Layout): the top level holds the three scripts, pyproject lists exactly those,
+"""The shape of the house (the design card's layout): the top level holds the three scripts, pyproject lists exactly those,
 the library has no import cycles and imports at module top, model.py imports nothing of the project, train()'s loop
 and GPT.forward name no feature, and no script folder shadows a standard-library module."""
 

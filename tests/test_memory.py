@@ -21,21 +21,28 @@ def run(flags):
     return train_mod.train(load_config(train_mod.TrainConfig, flags))
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_grad_checkpointing_same_loss_and_gradients(every):
+@pytest.mark.parametrize("every, checkpointed", [(1, 3), (2, 2)])
+def test_grad_checkpointing_same_loss_and_gradients(every, checkpointed, monkeypatch):
+    shape = dict(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0))
+    model = GPT(GPTConfig(**shape))
+    ckpt_model = GPT(GPTConfig(**shape, grad_checkpointing=every))  # GPTConfig decides the blocks' class
+    ckpt_model.load_state_dict(model.state_dict())
+    real, calls = torch.utils.checkpoint.checkpoint, []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
     _, loss0 = model(x, y)
     loss0.backward()
-    grads0 = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model.grad_checkpointing = every
-    _, loss1 = model(x, y)
+    assert calls == []
+    _, loss1 = ckpt_model(x, y)
     loss1.backward()
+    assert len(calls) == checkpointed  # blocks 0, 1, 2 (every=1) or 0 and 2 (every=2) recompute in backward
     assert torch.equal(loss0, loss1)
-    for g0, p in zip(grads0, model.parameters()):
-        torch.testing.assert_close(p.grad, g0, rtol=1e-5, atol=1e-6)
+    for p0, p in zip(model.parameters(), ckpt_model.parameters()):
+        torch.testing.assert_close(p.grad, p0.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation keeps nothing for backward: no recomputation set up
+        ckpt_model(x, y)
+    assert len(calls) == checkpointed
 
 
 def test_checkpointed_run_matches_plain_run(tiny_flags, tmp_path):

@@ -1,4 +1,4 @@
-"""score.py: strided NLL vs brute force, --hf_dir vs transformers, bits per character, and the errors."""
+"""tools/score.py: strided NLL vs brute force, --hf_dir vs transformers, bits per character, and the errors."""
 
 import json
 import math

@@ -384,6 +384,18 @@ def test_auto_prepare_from_local_input(tmp_path):
     assert meta["vocab_size"] == 65 and meta["train_tokens"] == 1_003_854
 
 
+def test_auto_prepare_with_paths_relative_to_the_users_folder(tmp_path):
+    """The prepare script runs from the repository, but --data_root and --data_input mean the user's folder."""
+    from conftest import SHAKESPEARE
+    (tmp_path / "in.txt").write_text(SHAKESPEARE.read_text(encoding="utf-8")[:50_000], encoding="utf-8")
+    res = subprocess.run([sys.executable, str(REPO / "train.py"), "--data_root=d", "--data_input=in.txt",
+                          "--out_dir=o", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2",
+                          "--max_iters=1", "--eval_iters=1", "--progress=False", "--sample_tokens=0", "--device=cpu"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "d" / "shakespeare_char" / "train.bin").is_file() and (tmp_path / "o" / "ckpt.pt").is_file()
+
+
 def test_optimizer_groups_and_grad_clip(tiny_flags, tmp_path):
     cfg = TrainConfig(weight_decay=0.1)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=10))

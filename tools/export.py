@@ -24,6 +24,9 @@ def export(cfg):
     if not cfg.hf_dir and not cfg.merged_ckpt:
         raise UserError("nothing to do: pass --hf_dir=DIR and/or --merged_ckpt=FILE")
     path = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
+    for target in (cfg.hf_dir, cfg.merged_ckpt):
+        if target and not Path(target).resolve().parent.is_dir():
+            raise UserError(f"the folder of {target} does not exist: create it or pick another path")
     try:
         ckpt = checkpoint.read(path)
         if "quantization" in ckpt:
@@ -34,13 +37,17 @@ def export(cfg):
             print(f"wrote {cfg.hf_dir} (Hugging Face GPT-2)")
     except ValueError as e:
         raise UserError(str(e))
+    except OSError as e:
+        raise UserError(f"cannot write {cfg.hf_dir}: {e.strerror or e}")
     if cfg.merged_ckpt:
         if Path(cfg.merged_ckpt).resolve() == path.resolve():
             raise UserError(f"--merged_ckpt={cfg.merged_ckpt} is the input checkpoint: pick another file")
         checkpoint.save(cfg.merged_ckpt, {
             "format_version": checkpoint.FORMAT_VERSION, "model_config": checkpoint.model_config(model),
             "model": model.state_dict(),
-            "init_source": "scratch", "train_config": ckpt["train_config"], "iter_num": ckpt["iter_num"],
+            # the weights are all float now, whatever the run kept its frozen layers in
+            "init_source": "scratch", "train_config": {**ckpt["train_config"], "base_dtype": "fp32"},
+            "iter_num": ckpt["iter_num"],
             "best_val_loss": ckpt["best_val_loss"]})
         print(f"wrote {cfg.merged_ckpt} (sologpt checkpoint, full weights)")
 
