@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sologpt import batches, build, checks, checkpoint, hardware, memory
+from sologpt import batches, build, checks, checkpoint, distributed, hardware, memory
 from sologpt.configurator import UserError, print_config, run_cli
 from sologpt.cuda_graph import GraphedStep
 from sologpt.lean_optim import LeanAdamW
@@ -112,6 +112,7 @@ class TrainConfig:
     fp8: bool = False  # fp8 matmuls in the transformer blocks (sologpt/fp8.py): CUDA capability 8.9+, bfloat16
     fp8_head: bool = False  # the output layer's matmuls in fp8 (with or without fp8); pays at GPT-2 124M, fp8 does not
     residual_bf16: bool = False  # under bf16 autocast, keep the residual stream in bf16 instead of float32 (faster)
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards; sologpt/distributed.py)
     seed: int = 1337  # one seed for model init, batches and dropout
 
 
@@ -182,12 +183,13 @@ def train(cfg):
     """Train as cfg says; returns the best val loss. Every feature is decided before the loop."""
     t0 = time.time()
     device_type = checks.resolve(cfg)  # every value checked and "auto" filled in, before any work
-    torch.manual_seed(cfg.seed)
+    d = distributed.setup(cfg)  # under torchrun: the process group and this rank's GPU; else one process
+    torch.manual_seed(cfg.seed)  # the same on every rank: the same initial weights
     if device_type == "cuda":
         hardware.setup_cuda(cfg.device, cfg.attn_backend)
     ctx = hardware.autocast_context(device_type, cfg.dtype)  # mixed precision for the forward pass
-    data = batches.load_dataset(cfg)  # train.bin / val.bin as memmaps, meta.json and its tokenizer
-    run = RunDir(cfg)  # out_dir: ckpt.pt, last.pt, config.json, meta.json, metrics.jsonl
+    data = batches.load_dataset(cfg, d)  # train.bin / val.bin as memmaps, meta.json and its tokenizer
+    run = RunDir(cfg, d.main)  # out_dir: ckpt.pt, last.pt, config.json, meta.json, metrics.jsonl (rank 0 writes)
     ckpt, ckpt_path = run.resume_checkpoint(cfg) if cfg.init_from == "resume" else (None, None)
 
     # ---- setup: the model, what the step calls, the batches, the optimizer (each switch decided here, once)
@@ -195,7 +197,8 @@ def train(cfg):
         model, init_source = build.build_model(cfg, data.meta, data.max_id, ckpt, ckpt_path)
         model.to(cfg.device)
         loss_model = build.loss_model(model, cfg)  # the model, or a wrapper adding the chunked loss or a teacher
-        source = build.batch_source(cfg, data)  # each step's micro-batches (x, y, kw)
+        loss_model = distributed.wrap(loss_model, model, cfg, d)  # torchrun: DDP or FSDP2; else unchanged
+        source = build.batch_source(cfg, data, d)  # each step's micro-batches (x, y, kw): this rank's share
         if cfg.batch_size == "auto":  # the largest micro-batch that fits (CUDA)
             memory.auto_batch_size(model, loss_model, source, cfg, ctx)
         print(memory.estimate(model, cfg)[1])
@@ -205,12 +208,13 @@ def train(cfg):
     scaler = hardware.LossScaler(device_type, enabled=cfg.dtype == "float16")  # float16 only
     progress = checkpoint.Progress()
     if ckpt is not None:
-        progress = checkpoint.restore(ckpt, optimizer, scaler, source.generator, cfg)
+        progress = checkpoint.restore(ckpt, model, optimizer, scaler, source.generator, cfg, d)
         print(f"resuming from {ckpt_path} at step {progress.iter_num} (best val loss {progress.best_val_loss:.4f})")
         del ckpt  # free the CPU copy of the weights and optimizer state
-    evaluate = build.evaluator(cfg, data)  # evaluate(model, ctx) -> {"train_loss": ..., "val_loss": ..., ...}
+    evaluate = build.evaluator(cfg, data, d)  # evaluate(model, ctx) -> {"train_loss": ..., "val_loss": ..., ...}
     step_model = torch.compile(loss_model) if cfg.compile else loss_model  # `model` stays uncompiled for saving
     step = functools.partial(train_step, step_model, optimizer, scaler, ctx=ctx, grad_clip=cfg.grad_clip)
+    step = distributed.sync_on_last(step, loss_model)  # DDP: exchange gradients after the last micro-batch only
     if cfg.cuda_graphs:  # the same step, recorded once and replayed as one CUDA graph
         step = GraphedStep(step, optimizer, cfg.device)
 
@@ -218,17 +222,17 @@ def train(cfg):
     run.start(cfg, data.meta, progress.iter_num)
     t_start = t0 - progress.elapsed_s  # time_s in metrics.jsonl continues across resumes
     monitor = Monitor(cfg, model, scaler, metrics_path=run.metrics, ckpt_path=run.ckpt, iter_num=progress.iter_num,
-                      t_start=t_start)
+                      t_start=t_start, d=d)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters (position embeddings not counted); "
           f"{monitor.tokens_per_step:,} tokens per step on {cfg.device} in {cfg.dtype}")
 
     def state():  # what a resumed run needs to continue exactly
         return checkpoint.training_state(model, optimizer, scaler, source.generator, progress, cfg, init_source,
-                                         t_start)
+                                         t_start, d)
 
     it = progress.iter_num
     try:
-        with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the step, save, exit
+        with StopOnSignal(d, cfg.log_interval) as stop:  # Ctrl-C / SIGTERM: finish the step, save, exit
             while True:
                 # ---- evaluate and checkpoint
                 if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != progress.last_eval_iter:
@@ -248,23 +252,26 @@ def train(cfg):
                 loss = step(source(it))
                 it += 1
                 progress.iter_num = it
-                monitor.step(it, loss, lr, force=stop.signal is not None)
+                monitor.step(it, loss, lr)
 
-                if stop.signal is not None:  # save where a resume continues, then exit
+                if stop.now(it):  # save where a resume continues, then exit
+                    monitor.report(it, lr)
                     path = run.save(state(), best=cfg.always_save_checkpoint)
                     args = [a for a in sys.argv if not a.startswith("--init_from=")]
                     monitor.log(f"{signal.Signals(stop.signal).name}: saved {path} at step {it}. Resume with:\n"
                                 f"  python {' '.join(args)} --init_from=resume")
                     raise SystemExit(128 + stop.signal)
+        monitor.close()
+        run.finish()
+        print(f"done in {time.time() - t_start:.1f} s: best val loss {progress.best_val_loss:.4f}; "
+              f"checkpoint {run.ckpt}")
+        if cfg.sample_tokens > 0 and cfg.task == "lm":
+            print_sample(model, data, cfg, ctx)
     except torch.cuda.OutOfMemoryError:
         raise UserError(memory.oom_message(cfg, cfg.device))
     finally:
         monitor.close()
-
-    run.finish()
-    print(f"done in {time.time() - t_start:.1f} s: best val loss {progress.best_val_loss:.4f}; checkpoint {run.ckpt}")
-    if cfg.sample_tokens > 0 and cfg.task == "lm":
-        print_sample(model, data, cfg, ctx)
+        distributed.close(d)
     return progress.best_val_loss
 
 

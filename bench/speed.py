@@ -4,6 +4,7 @@
     python -m bench.speed --batch_sizes 12 --hf      # also transformers' GPT2LMHeadModel, same shape, same process
     python -m bench.speed --attn_backend cudnn       # any lever below, to compare against the default
     python -m bench.speed --recipe config/shakespeare_char.py --target 1.47   # time a recipe to a val loss
+    torchrun --standalone --nproc_per_node=2 -m bench.speed --batch_sizes 12 [--parallel fsdp]   # N GPUs, DDP/FSDP2
 
 Synthetic data (random token ids): the step costs the same as on real text. Each step is train.py's train_step
 (autocast forward, backward, clip, fused AdamW step), replayed as a CUDA graph with --cuda_graphs as train.py does. MFU counts 6 FLOPs per parameter per token plus attention
@@ -13,6 +14,7 @@ Synthetic data (random token ids): the step costs the same as on real text. Each
 
 import argparse
 import functools
+import os
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ import torch
 
 import train
 from model import GPT, GPTConfig
-from sologpt import fp8, hardware
+from sologpt import distributed, fp8, hardware
 from sologpt.chunked_ce import ChunkedLoss
 from sologpt.cuda_graph import GraphedStep
 
@@ -64,19 +66,21 @@ class HFLoss(torch.nn.Module):
 
 
 def bench_model(name, model, flops_per_token, args, batch_size, loss_model=None):
-    device = "cuda"
+    device, d = args.cfg.device, args.dist
     T = args.block_size
     model.to(device).train()
-    loss_model = loss_model or model
+    # under torchrun: DDP or FSDP2, exactly as train.py wraps the model (sologpt/distributed.py); else unchanged
+    loss_model = distributed.wrap(loss_model or model, model, args.cfg, d)
     # fused AdamW, as train.py makes it (capturable: it reads the step count and lr from GPU memory in a graph)
     opt = train.make_optimizer(model, train.TrainConfig(cuda_graphs=args.cuda_graphs, optimizer=args.optimizer), "cuda")
     fwd = torch.compile(loss_model, mode=args.compile_mode) if args.compile else loss_model
     scaler = hardware.LossScaler("cuda", enabled=False)  # bf16: no loss scaling
     step_fn = functools.partial(train.train_step, fwd, opt, scaler, ctx=torch.autocast("cuda", dtype=torch.bfloat16),
                                 grad_clip=1.0)
+    step_fn = distributed.sync_on_last(step_fn, loss_model)
     if args.cuda_graphs:  # the whole step (forward, backward, clip, AdamW) replayed as one CUDA graph, as train.py does
         step_fn = GraphedStep(step_fn, opt, device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(d.rank)  # each rank its own tokens
     vocab = 50257  # real token ids only, also when the embedding is padded
     batches = [torch.randint(vocab, (batch_size, T + 1), device=device, generator=gen) for _ in range(4)]
     state = {"i": 0}
@@ -97,7 +101,7 @@ def bench_model(name, model, flops_per_token, args, batch_size, loss_model=None)
     except torch.OutOfMemoryError:
         print(f"{name:28s} {batch_size:>4}   out of memory")
         return
-    tok_s = batch_size * T / dt
+    tok_s = batch_size * T * d.world / dt  # all ranks together; the micro-batch is per GPU
     tflops = flops_per_token * tok_s / 1e12
     mem = torch.cuda.max_memory_allocated() / 2**30
     print(f"{name:28s} {batch_size:>4} {tok_s:>12,.0f} {dt * 1000:>9.1f} {tflops:>9.1f} "
@@ -105,14 +109,21 @@ def bench_model(name, model, flops_per_token, args, batch_size, loss_model=None)
 
 
 def throughput(args):
+    # torchrun: a process group and this rank's GPU (rank 0 alone prints); the global batch has one micro-batch per rank
+    args.cfg = train.TrainConfig(device="cuda", parallel=args.parallel, optimizer=args.optimizer,
+                                 gradient_accumulation_steps=int(os.environ.get("WORLD_SIZE", 1)), batch_size=1)
+    args.dist = distributed.setup(args.cfg)
+    if args.dist.launched and args.cuda_graphs:
+        raise SystemExit("error: --cuda_graphs records one process's step: drop it under torchrun")
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name()
-    args.peak = hardware.peak_flops("cuda") or measured_matmul_peak("cuda")
+    args.peak = (hardware.peak_flops(args.cfg.device) or measured_matmul_peak(args.cfg.device)) * args.dist.world
     print(f"{name}, torch {torch.__version__}, peak {args.peak / 1e12:.0f} TFLOP/s (bf16 dense), "
           f"block {args.block_size}, vocab {args.vocab_size} (pad multiple {args.vocab_pad_multiple}), "
           f"compile {args.compile}{'' if args.compile_mode == 'default' else ' ' + args.compile_mode}, "
           f"cuda_graphs {args.cuda_graphs}, attn_backend {args.attn_backend}, "
-          f"bias {args.bias}, fp8 blocks {args.fp8}, fp8 head {args.fp8_head}, optimizer {args.optimizer}")
+          f"bias {args.bias}, fp8 blocks {args.fp8}, fp8 head {args.fp8_head}, optimizer {args.optimizer}"
+          + (f", {args.dist.world} ranks ({args.parallel}), micro-batch per GPU" if args.dist.launched else ""))
     arch = dict(rope=args.rope, norm=args.norm, qk_norm=args.qk_norm, mlp_act=args.mlp_act,
                 tie_embeddings=not args.untied)
     changed = GPTConfig(**arch).modern_options() + (["untied output layer"] if args.untied else [])
@@ -147,6 +158,7 @@ def throughput(args):
             args.cuda_graphs = graphs
             del hf, ours
             torch.cuda.empty_cache()
+    distributed.close(args.dist)
 
 
 def recipe(args):
@@ -201,6 +213,7 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--hf", action="store_true", help="also time transformers' GPT2LMHeadModel")
+    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: DDP or FSDP2")
     p.add_argument("--profile", action="store_true", help="print the CUDA kernels that take the most time")
     p.add_argument("--recipe", help="a train.py config file: time it to --target instead")
     p.add_argument("--target", type=float, default=1.47)

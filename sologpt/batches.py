@@ -20,6 +20,7 @@ import torch
 
 from sologpt import classify, tokenizer as tok
 from sologpt.configurator import UserError
+from sologpt.distributed import Dist
 
 PREPARE_HELPERS = ("__init__", "common", "clean", "dedup", "text", "classify")  # prepare/ modules that are not one dataset
 
@@ -32,15 +33,16 @@ class Dataset:
     max_id: int  # the largest token id in the data: it needs a row in the embedding
 
 
-def load_dataset(cfg):
+def load_dataset(cfg, d=Dist()):
     """Open data_root/dataset's splits and read meta.json, preparing the dataset first if a prepare/ script of that
-    name exists and nothing is there yet. Every problem is one UserError line that says how to fix it."""
+    name exists and nothing is there yet (rank 0 prepares, the others wait). Every problem is one UserError line
+    that says how to fix it."""
     data_dir = Path(cfg.data_root) / cfg.dataset
     files = [data_dir / name for name in ("train.bin", "val.bin", "meta.json")]
     script = None if cfg.dataset in PREPARE_HELPERS or not cfg.dataset.isidentifier() else \
         find_spec(f"prepare.{cfg.dataset}")
     hint = f"run python prepare/{cfg.dataset}.py" if script else "prepare it first (docs/data.md)"
-    if not any(f.exists() for f in files) and script:
+    if not any(f.exists() for f in files) and script and d.main:
         print(f"{data_dir} is not prepared yet: running prepare/{cfg.dataset}.py")
         # absolute paths: the script runs where the prepare package lives, not in the user's folder
         cmd = [sys.executable, "-m", f"prepare.{cfg.dataset}", "--data_root", str(Path(cfg.data_root).resolve())]
@@ -49,6 +51,7 @@ def load_dataset(cfg):
         root = Path(script.origin).parents[1]  # where the prepare package lives: run it from there
         if subprocess.run(cmd, cwd=root).returncode != 0:
             raise UserError(f"preparing {data_dir} failed (see above); offline, pass --data_input=path/to/input.txt")
+    d.barrier()
     for f in files:
         if not f.is_file():
             raise UserError(f"{f} is missing: {hint}")
@@ -110,34 +113,47 @@ def get_batch(data, batch_size, block_size, generator, device):
 
 
 class Windows:
-    """The plain language-model source: every micro-batch is batch_size random windows of block_size tokens."""
+    """The plain language-model source: every micro-batch is batch_size random windows of block_size tokens.
+    With several ranks (sologpt/distributed.py) every rank draws the step's gradient_accumulation_steps micro-batches
+    from the same generator and keeps every world-th one: the step trains on the same windows whatever their number."""
 
-    def __init__(self, data, cfg, generator):
-        self.data, self.cfg, self.generator = data, cfg, generator
+    def __init__(self, data, cfg, generator, d=Dist()):
+        self.data, self.cfg, self.generator, self.d = data, cfg, generator, d
 
     def __call__(self, step):
-        return [self.batch(self.cfg.batch_size) for _ in range(self.cfg.gradient_accumulation_steps)]
+        T = self.cfg.block_size
+        return [(*windows(self.data, ix.tolist(), T, self.cfg.device), {}) for ix in self.own(self.cfg.batch_size, T)]
+
+    def own(self, B, T):
+        """The start positions of this rank's micro-batches: all of the step's are drawn, every world-th kept."""
+        draws = [torch.randint(len(self.data) - T, (B,), generator=self.generator)
+                 for _ in range(self.cfg.gradient_accumulation_steps)]
+        return draws[self.d.rank::self.d.world]
 
     def batch(self, batch_size, generator=None):
+        """One micro-batch (x, y, kw) of batch_size windows, e.g. a trial batch of the batch-size search."""
         x, y = get_batch(self.data, batch_size, self.cfg.block_size, generator or self.generator, self.cfg.device)
         return x, y, {}
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, cfg, ctx):
+def estimate_loss(model, splits, cfg, ctx, d=Dist()):
     """Mean loss over eval_iters batches per split, and its perplexity. The batches come from a generator seeded the
-    same way every time, so evaluations are comparable across steps and do not disturb the training batches."""
+    same way every time, so evaluations are comparable across steps and do not disturb the training batches. With
+    several ranks each takes every world-th batch and the sums are added up."""
     model.eval()
     out = {}
     for i, (split, data) in enumerate(splits.items()):
         gen = torch.Generator().manual_seed(cfg.seed + 1 + i)
         total = 0.0
-        for _ in range(cfg.eval_iters):
-            x, y = get_batch(data, cfg.batch_size, cfg.block_size, gen, cfg.device)
-            with ctx:
-                _, loss = model(x, y)
-            total += loss.item()
-        out[f"{split}_loss"] = total / cfg.eval_iters
+        for k in range(cfg.eval_iters):
+            ix = torch.randint(len(data) - cfg.block_size, (cfg.batch_size,), generator=gen)
+            if k % d.world == d.rank:
+                x, y = windows(data, ix.tolist(), cfg.block_size, cfg.device)
+                with ctx:
+                    _, loss = model(x, y)
+                total += loss.item()
+        out[f"{split}_loss"] = d.mean(total) * d.world / cfg.eval_iters
         out[f"{split}_ppl"] = math.exp(min(out[f"{split}_loss"], 700.0))
     model.train()
     return out

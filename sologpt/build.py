@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from model import GPTConfig
-from sologpt import batches, checkpoint, classify, curriculum, fp8, lora, memory, quantize
+from sologpt import batches, checkpoint, classify, curriculum, distributed, fp8, lora, memory, quantize
 from sologpt.checkpoint import ARCH_FIELDS
 from sologpt.chunked_ce import ChunkedLoss
 from sologpt.distill import Distill, load_teacher
+from sologpt.distributed import Dist
 from sologpt.freeze import count_trainable, freeze
 
 # what the weights of a start point decide, whatever the config says
@@ -133,23 +134,27 @@ def loss_model(model, cfg):
     return model
 
 
-def batch_source(cfg, data):
-    """The source of each step's micro-batches. Its generator draws them; its state is saved in checkpoints."""
+def batch_source(cfg, data, d=Dist()):
+    """The source of each step's micro-batches (this rank's share of them). Its generator draws them, seeded alike
+    on every rank; its state is saved in checkpoints."""
     generator = torch.Generator().manual_seed(cfg.seed)
     train = data.splits["train"]
     if cfg.task == "classify":
-        return classify.Rows(train, cfg, generator)
+        return classify.Rows(train, cfg, generator, d)
     if cfg.seq_warmup_iters:
-        return curriculum.SeqWarmup(train, cfg, generator)
+        return curriculum.SeqWarmup(train, cfg, generator, d)
     if cfg.curriculum == "unigram":
-        return curriculum.EasyFirstSource(train, cfg, generator, data.meta["vocab_size"])
-    return batches.Windows(train, cfg, generator)
+        return curriculum.EasyFirstSource(train, cfg, generator, data.meta["vocab_size"], d)
+    return batches.Windows(train, cfg, generator, d)
 
 
-def evaluator(cfg, data):
+def evaluator(cfg, data, d=Dist()):
     """evaluate(model, ctx) -> {"train_loss": ..., "val_loss": ..., ...}: loss and perplexity over eval_iters
-    batches per split for a language model; loss, accuracy and macro-F1 for a classifier."""
+    batches per split for a language model; loss, accuracy and macro-F1 for a classifier. With DDP each rank takes
+    a share of the batches; FSDP's forward is a collective, so there every rank runs every batch (the same numbers)."""
+    if distributed.fsdp(cfg, d):
+        d = Dist()
     if cfg.task == "classify":
         n_classes = len(data.meta["labels"])
-        return lambda model, ctx: classify.evaluate_splits(model, data.splits, cfg, ctx, n_classes)
-    return lambda model, ctx: batches.estimate_loss(model, data.splits, cfg, ctx)
+        return lambda model, ctx: classify.evaluate_splits(model, data.splits, cfg, ctx, n_classes, d)
+    return lambda model, ctx: batches.estimate_loss(model, data.splits, cfg, ctx, d)

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig
-from sologpt import hf_gpt2, lora, memory, quantize, tokenizer
+from sologpt import distributed, hf_gpt2, lora, memory, quantize, tokenizer
 from sologpt.classify import Classifier, set_classifier
+from sologpt.distributed import Dist
 from sologpt.freeze import freeze
 
 FORMAT_VERSION = 1  # bump when the layout changes
@@ -108,14 +109,16 @@ class Progress:
     elapsed_s: float = 0.0  # seconds of training before this process (time_s in metrics.jsonl continues)
 
 
-def training_state(model, optimizer, scaler, batch_gen, progress, cfg, init_source, t_start):
+def training_state(model, optimizer, scaler, batch_gen, progress, cfg, init_source, t_start, d=Dist()):
     """The checkpoint dict of a training run: tensors and plain values only. A LoRA run saves its adapters and
-    other trainable tensors; its frozen base is rebuilt from init_source."""
+    other trainable tensors; its frozen base is rebuilt from init_source. Under FSDP every rank must call it (the
+    full state is gathered to rank 0, which alone writes it)."""
     state = {
         "format_version": FORMAT_VERSION,
         "model_config": model_config(model),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": distributed.model_state(model, cfg, d),
+        "optimizer": distributed.optimizer_state(model, optimizer, cfg, d),
+        "world_size": d.world,  # ranks that trained it: a resume with another number is not bit-exact
         "scaler": scaler.state_dict(),
         "iter_num": progress.iter_num,
         "init_source": init_source,  # "scratch", or the GPT-2 directory or checkpoint the run started from
@@ -126,7 +129,9 @@ def training_state(model, optimizer, scaler, batch_gen, progress, cfg, init_sour
         "train_config": dataclasses.asdict(cfg),
         "rng": {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if cfg.device.startswith("cuda") else [],
+            # several ranks: each drew alike on its own GPU, so rank 0's device stands for all
+            "cuda": ([] if not cfg.device.startswith("cuda") else torch.cuda.get_rng_state_all() if d.world == 1
+                     else [torch.cuda.get_rng_state()]),
             "batches": batch_gen.get_state(),
         },
     }
@@ -151,9 +156,12 @@ def check_resume(ckpt, cfg, path):
                              f"resume with --{key}={was!r}")
 
 
-def restore(ckpt, optimizer, scaler, batch_gen, cfg):
+def restore(ckpt, model, optimizer, scaler, batch_gen, cfg, d=Dist()):
     """Put a resumed run's optimizer, loss scaler and random generators back as they were; returns its Progress."""
-    optimizer.load_state_dict(ckpt["optimizer"])
+    distributed.load_optimizer_state(model, optimizer, ckpt["optimizer"], cfg, d)
+    if ckpt.get("world_size", 1) != d.world:
+        print(f"note: the checkpoint was trained on {ckpt.get('world_size', 1)} rank(s), this run has {d.world}: the "
+              f"same batches and schedule, but sums in another order, so not bit-exact")
     for group in optimizer.param_groups:  # the saved groups may come from a run with or without CUDA graphs
         group["lr"] = float(group["lr"])
         group["capturable"] = cfg.cuda_graphs
@@ -162,7 +170,10 @@ def restore(ckpt, optimizer, scaler, batch_gen, cfg):
     scaler.skipped_steps = ckpt.get("skipped_steps", 0)  # absent in checkpoints of earlier versions
     torch.set_rng_state(ckpt["rng"]["torch"])
     if cfg.device.startswith("cuda") and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if d.world == 1:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        else:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0])
     batch_gen.set_state(ckpt["rng"]["batches"])
     return Progress(ckpt["iter_num"], ckpt["best_val_loss"], ckpt["last_eval_iter"], ckpt["elapsed_s"])
 

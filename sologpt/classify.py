@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT
+from sologpt.distributed import Dist
 
 
 class ClassifyError(ValueError):
@@ -98,55 +99,71 @@ def make_batch(split, rows, block_size, device):
 
 
 class Rows:
-    """The batch source of task "classify": every micro-batch is batch_size random examples (x, y, {lengths})."""
+    """The batch source of task "classify": every micro-batch is batch_size random examples (x, y, {lengths}).
+    With several ranks each keeps every world-th of the step's micro-batches (as batches.Windows)."""
 
-    def __init__(self, split, cfg, generator):
-        self.split, self.cfg, self.generator = split, cfg, generator
+    def __init__(self, split, cfg, generator, d=Dist()):
+        self.split, self.cfg, self.generator, self.d = split, cfg, generator, d
 
     def __call__(self, step):
-        return [self.batch(self.cfg.batch_size) for _ in range(self.cfg.gradient_accumulation_steps)]
+        batches = [self.batch(self.cfg.batch_size, rows_only=True) for _ in range(self.cfg.gradient_accumulation_steps)]
+        return [self.make(rows) for rows in batches[self.d.rank::self.d.world]]
 
-    def batch(self, batch_size, generator=None):
-        rows = torch.randint(len(self.split[2]), (batch_size,), generator=generator or self.generator).numpy()
+    def make(self, rows):
         x, lengths, y = make_batch(self.split, rows, self.cfg.block_size, self.cfg.device)
         return x, y, {"lengths": lengths}
+
+    def batch(self, batch_size, generator=None, rows_only=False):
+        rows = torch.randint(len(self.split[2]), (batch_size,), generator=generator or self.generator).numpy()
+        return rows if rows_only else self.make(rows)
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------
 
+def confusion(pred, true, n_classes):
+    """counts[t, p]: how many examples of class t were predicted as p."""
+    return np.bincount(np.asarray(true) * n_classes + np.asarray(pred), minlength=n_classes ** 2).reshape(
+        n_classes, n_classes)
+
+
 def macro_f1(pred, true, n_classes):
     """The mean over classes of F1 = 2 TP / (2 TP + FP + FN); a class never predicted nor present counts 0."""
-    f1 = []
-    for c in range(n_classes):
-        tp = int(((pred == c) & (true == c)).sum())
-        fp = int(((pred == c) & (true != c)).sum())
-        fn = int(((pred != c) & (true == c)).sum())
-        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(f1) / n_classes
+    return macro_f1_of(confusion(pred, true, n_classes))
+
+
+def macro_f1_of(counts):
+    tp = np.diag(counts)
+    fp, fn = counts.sum(0) - tp, counts.sum(1) - tp
+    f1 = [2 * t / (2 * t + p + n) if t + p + n else 0.0 for t, p, n in zip(tp, fp, fn)]
+    return float(sum(f1) / len(f1))
 
 
 @torch.no_grad()
-def evaluate(model, split, cfg, ctx, n_classes, max_examples=None):
-    """Loss, accuracy and macro-F1 over the first max_examples examples of a split (all of them by default)."""
+def evaluate(model, split, cfg, ctx, n_classes, max_examples=None, d=Dist()):
+    """Loss, accuracy and macro-F1 over the first max_examples examples of a split (all of them by default). With
+    several ranks each takes every world-th batch; the loss sums and the confusion counts are added up."""
     model.eval()
     n = len(split[2]) if max_examples is None else min(max_examples, len(split[2]))
-    total_loss, preds = 0.0, []
-    for start in range(0, n, cfg.batch_size):
+    total_loss, counts = 0.0, np.zeros((n_classes, n_classes), dtype=np.int64)
+    for k, start in enumerate(range(0, n, cfg.batch_size)):
+        if k % d.world != d.rank:
+            continue
         rows = np.arange(start, min(start + cfg.batch_size, n))
         x, lengths, y = make_batch(split, rows, cfg.block_size, cfg.device)
         with ctx:
             logits, loss = model(x, y, lengths=lengths)
         total_loss += loss.item() * len(rows)
-        preds.append(logits.argmax(-1).cpu())
+        counts += confusion(logits.argmax(-1).cpu().numpy(), split[2][rows], n_classes)
     model.train()
-    pred, true = torch.cat(preds).numpy(), split[2][:n]
-    return {"loss": total_loss / n, "accuracy": float((pred == true).mean()), "macro_f1": macro_f1(pred, true, n_classes)}
+    counts = d.sum(torch.from_numpy(counts)).cpu().numpy()
+    return {"loss": d.mean(total_loss) * d.world / n, "accuracy": float(np.trace(counts) / n),
+            "macro_f1": macro_f1_of(counts)}
 
 
-def evaluate_splits(model, splits, cfg, ctx, n_classes):
+def evaluate_splits(model, splits, cfg, ctx, n_classes, d=Dist()):
     """The whole val split, and as many train examples as eval_iters batches: {train_loss, train_accuracy, ...}."""
     out = {}
     for split, data in splits.items():
-        scores = evaluate(model, data, cfg, ctx, n_classes, None if split == "val" else cfg.eval_iters * cfg.batch_size)
-        out.update({f"{split}_{k}": v for k, v in scores.items()})
+        limit = None if split == "val" else cfg.eval_iters * cfg.batch_size
+        out.update({f"{split}_{k}": v for k, v in evaluate(model, data, cfg, ctx, n_classes, limit, d).items()})
     return out

@@ -18,6 +18,8 @@ lengths, a teacher's loss, an easy-first batch) is what the graph records. What 
 Dropout works: PyTorch advances the CUDA random generator's offset on every replay.
 """
 
+import os
+
 import torch
 
 from sologpt.configurator import resolve_auto_bool
@@ -34,6 +36,8 @@ def resolve(cfg):
         needs.append(f"optim_state 'fp32' (the lean optimizer states are not capturable; here {cfg.optim_state!r})")
     if cfg.seq_warmup_iters:
         needs.append("no seq_warmup_iters (a graph replays one batch shape)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        needs.append("one process (under torchrun the gradient exchange runs outside the graph)")
     cfg.cuda_graphs = resolve_auto_bool("cuda_graphs", cfg.cuda_graphs, not needs)
     if cfg.cuda_graphs and needs:
         raise ValueError(f"cuda_graphs=True needs {'; '.join(needs)}: set cuda_graphs=False or 'auto'")

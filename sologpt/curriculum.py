@@ -13,8 +13,9 @@ Both are deterministic functions of the step, so exact resume needs no extra sta
 """
 
 import numpy as np
+import torch
 
-from sologpt.batches import Windows, get_batch, windows
+from sologpt.batches import Windows, windows
 
 
 def check(cfg):
@@ -45,8 +46,7 @@ class SeqWarmup(Windows):
 
     def __call__(self, step):
         B, T = batch_shape(step, self.cfg)
-        return [(*get_batch(self.data, B, T, self.generator, self.cfg.device), {})
-                for _ in range(self.cfg.gradient_accumulation_steps)]
+        return [(*windows(self.data, ix.tolist(), T, self.cfg.device), {}) for ix in self.own(B, T)]
 
 
 class EasyFirst:
@@ -76,8 +76,8 @@ class EasyFirst:
 class EasyFirstSource(Windows):
     """The first epoch's windows easiest first, then random windows (the batch source of curriculum="unigram")."""
 
-    def __init__(self, data, cfg, generator, vocab_size):
-        super().__init__(data, cfg, generator)
+    def __init__(self, data, cfg, generator, vocab_size, d):
+        super().__init__(data, cfg, generator, d)
         self.easy = EasyFirst(data, cfg.block_size, vocab_size)
         self.announced = False
 
@@ -87,7 +87,14 @@ class EasyFirstSource(Windows):
             self.announced = True
             print(f"curriculum: {len(self.easy.order):,} windows, easiest first for "
                   f"{len(self.easy.order) // (self.cfg.batch_size * accum):,} steps")
-        for micro in range(accum):
-            xy = self.easy.batch(step * accum + micro, self.cfg.batch_size, self.cfg.device)
-            out.append((*xy, {}) if xy is not None else self.batch(self.cfg.batch_size))
+        B, T = self.cfg.batch_size, self.cfg.block_size
+        for micro in range(accum):  # every rank goes through all of the step's micro-batches, keeps its own
+            ours = micro % self.d.world == self.d.rank
+            if (step * accum + micro + 1) * B <= len(self.easy.order):  # still in the easy-first epoch
+                xy = self.easy.batch(step * accum + micro, B, self.cfg.device) if ours else None
+            else:  # random windows: every rank draws them, so the generator stays the same everywhere
+                ix = torch.randint(len(self.data) - T, (B,), generator=self.generator)
+                xy = windows(self.data, ix.tolist(), T, self.cfg.device) if ours else None
+            if ours:
+                out.append((*xy, {}))
         return out

@@ -17,18 +17,22 @@ import torch
 from tqdm import tqdm
 
 from sologpt.configurator import UserError
+from sologpt.distributed import Dist
 from sologpt.hardware import peak_flops, peak_memory_gib
 
 
 class Monitor:
-    def __init__(self, cfg, model, scaler, metrics_path, ckpt_path, iter_num, t_start):
+    def __init__(self, cfg, model, scaler, metrics_path, ckpt_path, iter_num, t_start, d=Dist()):
         self.cfg, self.scaler, self.metrics_path, self.ckpt_path, self.t_start = cfg, scaler, metrics_path, ckpt_path, \
             t_start
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
         self.flops_per_step = model.flops_per_token(cfg.block_size) * self.tokens_per_step
         self.peak = peak_flops(cfg.device)
+        self.d = d  # several ranks: losses averaged over them, MFU against all their GPUs, metrics written by rank 0
+        if self.peak:
+            self.peak *= d.world
         # disable=None: tqdm draws the bar only on a terminal, so logs written to files stay one line per event
-        self.bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=None if cfg.progress else True,
+        self.bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=None if cfg.progress and d.main else True,
                         dynamic_ncols=True, unit="step", file=sys.stdout)
         self.loss_sum = torch.zeros((), device=cfg.device)  # summed on the device; read only at log steps
         self.steps, self.t_log = 0, time.perf_counter()
@@ -36,14 +40,19 @@ class Monitor:
     def log(self, line):
         self.bar.write(line)
 
-    def step(self, iter_num, loss, lr, force=False):
-        """After each optimizer step: add its loss; every log_interval steps (or when forced) print the log line."""
+    def step(self, iter_num, loss, lr):
+        """After each optimizer step: add its loss; every log_interval steps print the log line."""
         self.loss_sum += loss
         self.steps += 1
         self.bar.update(1)
-        if iter_num % self.cfg.log_interval and not force:
+        if iter_num % self.cfg.log_interval == 0:
+            self.report(iter_num, lr)
+
+    def report(self, iter_num, lr):
+        """The log line of the steps since the last one (none: nothing to say)."""
+        if not self.steps:
             return
-        loss_val = self.loss_sum.item() / self.steps
+        loss_val = self.d.mean(self.loss_sum.item()) / self.steps
         if not math.isfinite(loss_val):
             raise UserError(f"loss is {loss_val} at step {iter_num}: training diverged; lower learning_rate, raise "
                             f"warmup_iters or use dtype=bfloat16. {self.ckpt_path} was not overwritten")
@@ -77,8 +86,9 @@ class Monitor:
                   "peak_reserved_gib": round(reserved, 3)}
         if self.scaler.is_enabled():
             record.update(loss_scale=self.scaler.get_scale(), skipped_steps=self.scaler.skipped_steps)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.d.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         self.restart()
 
     def close(self):

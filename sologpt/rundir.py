@@ -12,7 +12,8 @@ from sologpt.configurator import UserError
 
 
 class RunDir:
-    def __init__(self, cfg):
+    def __init__(self, cfg, main=True):
+        self.main = main  # several ranks: rank 0 alone writes
         self.path = Path(cfg.out_dir)
         self.ckpt = self.path / "ckpt.pt"
         # with always_save_checkpoint=False ckpt.pt must stay the best model, so an interrupt saves here
@@ -44,6 +45,8 @@ class RunDir:
     def start(self, cfg, meta, iter_num):
         """Write config.json and meta.json (sample.py finds the tokenizer beside the checkpoint), and cut from
         metrics.jsonl the evaluations a resumed run will make again."""
+        if not self.main:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(self.path / "config.json", dataclasses.asdict(cfg))
         checkpoint.write_json(self.path / "meta.json", meta)
@@ -55,18 +58,33 @@ class RunDir:
     def save(self, state, best=True):
         """ckpt.pt, or last.pt for a resume point that is not the best model; ckpt.pt supersedes last.pt."""
         path = self.ckpt if best else self.last
-        checkpoint.save(path, state)
-        if best:
-            self.last.unlink(missing_ok=True)
+        if self.main:
+            checkpoint.save(path, state)
+            if best:
+                self.last.unlink(missing_ok=True)
         return path
 
     def finish(self):
-        self.last.unlink(missing_ok=True)  # the run is complete: a later resume starts from ckpt.pt
+        if self.main:
+            self.last.unlink(missing_ok=True)  # the run is complete: a later resume starts from ckpt.pt
 
 
 class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM sets .signal; the loop finishes its step, saves and exits. A second Ctrl-C stops
-    at once. The previous handlers come back on exit."""
+    at once. The previous handlers come back on exit. With several ranks the stop is agreed at log steps (every
+    rank asks the others then), so all stop after the same step and none waits in a collective."""
+
+    def __init__(self, d, log_interval):
+        self.d, self.log_interval = d, log_interval
+
+    def now(self, it):
+        """Whether to save and exit after step it."""
+        if self.d.world == 1:
+            return self.signal is not None
+        if it % self.log_interval or not self.d.any(self.signal is not None):
+            return False
+        self.signal = self.signal or signal.SIGTERM  # another rank was signalled: stop as it does
+        return True
 
     def __enter__(self):
         self.signal = None

@@ -343,7 +343,7 @@ def test_best_only_interrupt_keeps_best_checkpoint(tiny_flags, tmp_path, monkeyp
 def test_best_only_saves_on_improvement_and_metrics_are_cut_on_resume(tiny_flags, tmp_path, monkeypatch):
     vals = iter([3.0, 2.0, 2.5, 1.5, 9.9])  # val losses of the evaluations at steps 0, 2, 4, 6, then resumed 4
 
-    def fake_estimate_loss(model, splits, cfg, ctx):
+    def fake_estimate_loss(model, splits, cfg, ctx, d=None):
         return {"train_loss": 1.0, "val_loss": next(vals)}
 
     monkeypatch.setattr(batches, "estimate_loss", fake_estimate_loss)
