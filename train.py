@@ -195,9 +195,10 @@ def train(cfg):
     # ---- setup: the model, what the step calls, the batches, the optimizer (each switch decided here, once)
     try:
         model, init_source = build.build_model(cfg, data.meta, data.max_id, ckpt, ckpt_path)
+        distributed.shard(model, cfg, d)  # FSDP2: each block's weights split over the ranks; else nothing
         model.to(cfg.device)
         loss_model = build.loss_model(model, cfg)  # the model, or a wrapper adding the chunked loss or a teacher
-        loss_model = distributed.wrap(loss_model, model, cfg, d)  # torchrun: DDP or FSDP2; else unchanged
+        loss_model = distributed.wrap(loss_model, cfg, d)  # DDP: gradients averaged over the ranks; else unchanged
         source = build.batch_source(cfg, data, d)  # each step's micro-batches (x, y, kw): this rank's share
         if cfg.batch_size == "auto":  # the largest micro-batch that fits (CUDA)
             memory.auto_batch_size(model, loss_model, source, cfg, ctx)
@@ -259,7 +260,7 @@ def train(cfg):
                     path = run.save(state(), best=cfg.always_save_checkpoint)
                     args = [a for a in sys.argv if not a.startswith("--init_from=")]
                     monitor.log(f"{signal.Signals(stop.signal).name}: saved {path} at step {it}. Resume with:\n"
-                                f"  python {' '.join(args)} --init_from=resume")
+                                f"  {distributed.resume_command(d, args)} --init_from=resume")
                     raise SystemExit(128 + stop.signal)
         monitor.close()
         run.finish()

@@ -3,11 +3,15 @@ memory switches, the largest micro-batch that fits (block 1024), its tokens/s, p
 
     python -m bench.memory --cap_gib 24                                   # the memory table (docs/memory.md)
     python -m bench.memory --cap_gib 79 --shapes 350M --modes full freeze_half lora8 lora64   # docs/finetuning.md
+    python -m bench.memory --cap_gib 24 --nproc 2 --modes full full_ckpt      # FSDP2 over 2 GPUs, each capped
 
 The budget is simulated with torch.cuda.set_per_process_memory_fraction. Each (shape, mode) runs in its own
 process so nothing carries over. Weights are random (speed and memory do not depend on their values); the model is
 built on the GPU before the cap is set (loading real weights would not need more than the weights themselves).
 Steps run eagerly (no torch.compile), so each row costs seconds, not a compile. Each step is train.py's train_step.
+With --nproc N every attempt is a torchrun job of N ranks, the model sharded with FSDP2 as train.py --parallel=fsdp
+shards it (sologpt/distributed.py) and every GPU capped; the micro-batch (per GPU) is searched over whole jobs,
+since an out-of-memory error on one rank would leave the others waiting in a collective. tokens/s counts all ranks.
 """
 
 import argparse
@@ -27,6 +31,7 @@ SHAPES = {"124M": (12, 12, 768), "350M": (24, 16, 1024), "774M": (36, 20, 1280),
 MODES = {
     "full": {},
     "full_lean": {"grad_checkpointing": 1, "optim_state": "int8"},
+    "full_ckpt": {"grad_checkpointing": 1},
     "freeze_half": {"freeze_half": True},
     "lora8": {"lora_rank": 8},
     "lora64": {"lora_rank": 64},
@@ -41,7 +46,7 @@ def run_one(shape, mode, args):
 
     import train
     from model import GPT, GPTConfig
-    from sologpt import memory
+    from sologpt import distributed, memory
     from sologpt.build import add_lora
     from sologpt.freeze import freeze
     from sologpt.hardware import LossScaler
@@ -51,10 +56,13 @@ def run_one(shape, mode, args):
     cfg = train.TrainConfig(device="cuda", dtype="bfloat16", block_size=args.block_size, compile=False,
                             optim_state=sw.get("optim_state", "fp32"), lora_rank=sw.get("lora_rank", 0),
                             base_dtype=sw.get("base_dtype", "fp32"), grad_checkpointing=sw.get("grad_checkpointing", 0),
-                            lora_targets="all", freeze_layers=n_layer // 2 if sw.get("freeze_half") else 0)
+                            lora_targets="all", freeze_layers=n_layer // 2 if sw.get("freeze_half") else 0,
+                            parallel="fsdp" if args.nproc else "ddp", batch_size=1,
+                            gradient_accumulation_steps=int(os.environ.get("WORLD_SIZE", 1)))
+    d = distributed.setup(cfg)  # --nproc: the process group; this rank's GPU is cfg.device, cuda:LOCAL_RANK
     torch.backends.cuda.matmul.allow_tf32 = True
     low = cfg.base_dtype != "fp32"
-    with torch.device("cuda"):
+    with torch.device(cfg.device):
         if low:  # a frozen base never needs fp32: build it in bf16 so building stays within the card
             torch.set_default_dtype(torch.bfloat16)
         model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=args.block_size,
@@ -67,12 +75,13 @@ def run_one(shape, mode, args):
             if p.requires_grad:
                 p.data = p.data.float()
     memory.lower_frozen_weights(model, cfg.base_dtype)
+    distributed.shard(model, cfg, d)  # --nproc: FSDP2, as train.py shards
     if low:  # embeddings and LayerNorms stay in fp32, as train.py keeps them
         for m in model.modules():
             if isinstance(m, (torch.nn.Embedding, torch.nn.LayerNorm)):
                 m.float()
     torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = torch.cuda.get_device_properties(cfg.device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = train.make_optimizer(model, cfg, "cuda")
@@ -80,7 +89,7 @@ def run_one(shape, mode, args):
     scaler = LossScaler("cuda", enabled=False)  # bf16: no loss scaling
 
     def step(b):
-        x = torch.randint(50257, (b, args.block_size), device="cuda")
+        x = torch.randint(50257, (b, args.block_size), device=cfg.device)
         train.train_step(model, optimizer, scaler, [(x, x, {})], ctx, grad_clip=1.0)
 
     def try_step(b):  # a real step, optimizer state included; lr 0 leaves the weights as they are
@@ -92,26 +101,20 @@ def run_one(shape, mode, args):
             optimizer.zero_grad(set_to_none=True)
 
     result = {"shape": shape, "mode": mode, "trainable": trainable, "micro_batch": 0}
+    if args.micro_batch:  # --nproc: the parent searches, one job per size; an out-of-memory error ends this one
+        time_it(step, args.micro_batch, optimizer, args, result, d.world)
+        if d.main:
+            print("RESULT " + json.dumps(result), flush=True)
+        distributed.close(d)
+        return
     try:
         mb = memory.find_micro_batch(try_step, limit=args.max_batch)
     except Exception as e:  # e.g. the weights alone do not fit
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
         mb = 0
     while mb:  # time it; an edge case that fit in the search but not now (fragmentation) backs off by a quarter
-        for g in optimizer.param_groups:
-            g["lr"] = 1e-5
-        torch.cuda.reset_peak_memory_stats()
         try:
-            for _ in range(2):
-                step(mb)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                step(mb)
-            torch.cuda.synchronize()
-            dt = (time.perf_counter() - t) / args.steps
-            result.update(micro_batch=mb, tok_s=mb * args.block_size / dt, ms=dt * 1000,
-                          peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            time_it(step, mb, optimizer, args, result)
             break
         except torch.cuda.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
@@ -119,6 +122,51 @@ def run_one(shape, mode, args):
             mb = mb * 3 // 4
             result["error"] = "out of memory when timed, even at micro-batch 1"
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def time_it(step, mb, optimizer, args, result, world=1):
+    """Two warm-up steps, then args.steps timed ones at micro-batch mb (per GPU); fills result."""
+    import torch
+    for g in optimizer.param_groups:
+        g["lr"] = 1e-5
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step(mb)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step(mb)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / args.steps
+    result.update(micro_batch=mb, tok_s=mb * args.block_size * world / dt, ms=dt * 1000,
+                  peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
+def fsdp_search(shape, mode, args, env):
+    """--nproc: the largest micro-batch per GPU, one torchrun job per size tried (memory.find_micro_batch's search);
+    returns the result of the largest that ran."""
+    import torch
+
+    from sologpt import memory
+    results = {}
+
+    def try_job(b):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "bench.memory", "--one", shape, mode, "--micro_batch", str(b)] + sys.argv[1:]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            if "OutOfMemoryError" in out.stdout + out.stderr:
+                raise torch.cuda.OutOfMemoryError(f"micro-batch {b}")
+            raise RuntimeError((out.stderr.strip().splitlines() or ["?"])[-1][:100])
+        results[b] = json.loads(line[len("RESULT "):])
+
+    try:
+        mb = memory.find_micro_batch(try_job, limit=args.max_batch)
+    except RuntimeError as e:
+        return {"shape": shape, "mode": mode, "trainable": 0, "micro_batch": 0, "error": str(e)}
+    return results.get(mb) or {"shape": shape, "mode": mode, "trainable": 0, "micro_batch": 0,
+                               "error": "out of memory at micro-batch 1"}
 
 
 def main():
@@ -129,7 +177,9 @@ def main():
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--max_batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--nproc", type=int, default=0, help="FSDP2 over this many GPUs (torchrun), each capped")
     p.add_argument("--one", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--micro_batch", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--skip_after_fail", action="store_true", help="once a mode fails at a shape, skip larger shapes")
     args = p.parse_args()
     if args.one:
@@ -137,7 +187,10 @@ def main():
     import torch
     if not torch.cuda.is_available():
         sys.exit("error: python -m bench.memory measures CUDA memory: this torch sees no CUDA GPU")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, budget {args.cap_gib:g} GiB, block "
+    if args.nproc > torch.cuda.device_count():
+        sys.exit(f"error: --nproc {args.nproc} needs that many GPUs; this machine has {torch.cuda.device_count()}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, budget {args.cap_gib:g} GiB"
+          f"{f' per GPU, FSDP2 over {args.nproc} GPUs' if args.nproc else ''}, block "
           f"{args.block_size}, bf16 autocast, eager, PYTORCH_CUDA_ALLOC_CONF="
           f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')}")
     print(f"{'shape':>6} {'mode':>12} {'trainable':>14} {'micro-batch':>11} {'tokens/s':>10} {'peak GiB':>9}")
@@ -151,13 +204,16 @@ def main():
             # expandable segments let freed blocks be reused for other sizes: less fragmentation near the cap
             env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
                                                                            "expandable_segments:True")}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{shape:>6} {mode:>12} crashed: {(out.stderr.strip().splitlines() or ['?'])[-1][:100]}",
-                      flush=True)
-                continue
-            r = json.loads(line[len("RESULT "):])
+            if args.nproc:
+                r = fsdp_search(shape, mode, args, env)
+            else:
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    print(f"{shape:>6} {mode:>12} crashed: {(out.stderr.strip().splitlines() or ['?'])[-1][:100]}",
+                          flush=True)
+                    continue
+                r = json.loads(line[len("RESULT "):])
             if r["micro_batch"]:
                 print(f"{shape:>6} {mode:>12} {r['trainable']:>14,} {r['micro_batch']:>11} {r['tok_s']:>10,.0f} "
                       f"{r['peak_gib']:>9.2f}", flush=True)

@@ -68,9 +68,10 @@ class HFLoss(torch.nn.Module):
 def bench_model(name, model, flops_per_token, args, batch_size, loss_model=None):
     device, d = args.cfg.device, args.dist
     T = args.block_size
+    # under torchrun: FSDP2 or DDP, exactly as train.py does it (sologpt/distributed.py); else unchanged
+    distributed.shard(model, args.cfg, d)
     model.to(device).train()
-    # under torchrun: DDP or FSDP2, exactly as train.py wraps the model (sologpt/distributed.py); else unchanged
-    loss_model = distributed.wrap(loss_model or model, model, args.cfg, d)
+    loss_model = distributed.wrap(loss_model or model, args.cfg, d)
     # fused AdamW, as train.py makes it (capturable: it reads the step count and lr from GPU memory in a graph)
     opt = train.make_optimizer(model, train.TrainConfig(cuda_graphs=args.cuda_graphs, optimizer=args.optimizer), "cuda")
     fwd = torch.compile(loss_model, mode=args.compile_mode) if args.compile else loss_model

@@ -52,9 +52,11 @@ def load_dataset(cfg, d=Dist()):
         if subprocess.run(cmd, cwd=root).returncode != 0:
             raise UserError(f"preparing {data_dir} failed (see above); offline, pass --data_input=path/to/input.txt")
     d.barrier()
+    # several nodes: rank 0 prepared it on its own machine
+    nodes = "; every node reads it at this path (a shared filesystem, or a copy on each)" if d.nodes > 1 else ""
     for f in files:
         if not f.is_file():
-            raise UserError(f"{f} is missing: {hint}")
+            raise UserError(f"{f} is missing: {hint}{nodes}")
     try:
         meta = tok.load_meta(data_dir / "meta.json")
         enc = tok.from_meta(meta)  # now, not after training: a broken meta.json should fail before step 0

@@ -20,6 +20,7 @@ setup, what data parallelism needs (docs/distributed.md):
 import datetime
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     launched: bool = False  # started by torchrun (even with one process: then DDP or FSDP with one rank)
+    nodes: int = 1  # machines (torchrun --nnodes)
 
     @property
     def main(self):
@@ -86,10 +88,12 @@ def setup(cfg):
             raise UserError("parallel='fsdp' shards the model over processes: start with torchrun "
                              "--nproc_per_node=N (docs/distributed.md), or drop --parallel")
         return Dist()
-    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), launched=True)
-    refuse = [(cfg.gradient_accumulation_steps % d.world,
-               f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} (the micro-batches of one step, all ranks "
-               f"together) must be a multiple of the {d.world} ranks: set it to one"),
+    world = int(os.environ["WORLD_SIZE"])
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]), launched=True,
+             nodes=world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    accum, nearest = cfg.gradient_accumulation_steps, d.world * max(1, round(cfg.gradient_accumulation_steps / d.world))
+    refuse = [(accum % d.world, f"gradient_accumulation_steps={accum} (the micro-batches of one step, all ranks "
+                                f"together) must be a multiple of the {d.world} ranks: set it to e.g. {nearest}"),
               (cfg.batch_size == "auto", "batch_size='auto' searches one process's memory: give a number"),
               (cfg.device not in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: torchrun gives each rank its own "
                                                           f"GPU; use device=cuda (or cpu)")]
@@ -117,20 +121,32 @@ def setup(cfg):
     return d
 
 
-def wrap(loss_model, model, cfg, d):
-    """The module the step calls, made to average gradients over ranks: DDP, or FSDP2 (which also shards model's
-    parameters in place; call before making the optimizer). Unchanged without torchrun."""
-    if not d.launched:
-        return loss_model
-    if cfg.parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if cfg.dtype == "bfloat16" else MixedPrecisionPolicy()
-        for block in model.transformer.h:  # each block gathers its weights only while it runs
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # the rest: embeddings, final norm, output layer
+def shard(model, cfg, d):
+    """FSDP2 (parallel="fsdp" under torchrun): each block's parameters split over the ranks, then the rest (embeddings,
+    final norm, output layer). fully_shard moves each block to this rank's GPU as it shards it, so a model larger
+    than one card never sits whole on one; a block gathers its full weights only while it runs. Call before
+    model.to(device) and before making the optimizer (which then holds the shards). Otherwise nothing happens."""
+    if not fsdp(cfg, d):
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # bf16: the gathered weights and the matmuls in bf16, the gradients averaged in float32; the shards stay float32
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if cfg.dtype == "bfloat16" else MixedPrecisionPolicy()
+    # the logits FSDP hands back are a slice (vocabulary padding); nothing changes them in place, which is what the
+    # warning is about
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def wrap(loss_model, cfg, d):
+    """DDP under torchrun (parallel="ddp"): the module the step calls, made to average gradients over the ranks.
+    Unchanged in a single process or under FSDP (shard() did that)."""
+    if not d.launched or cfg.parallel == "fsdp":
         return loss_model
     devices = [d.local_rank] if cfg.device.startswith("cuda") else None
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # torch 2.13; 2.11 has no successor
     # a classifier leaves an untied output layer unused: DDP must then look for parameters without gradients.
     # No buffer broadcast: the model's only buffers are derived (rotary frequencies), and it would make every forward
     # a collective, which evaluation (each rank its own share of the batches) cannot have
@@ -201,6 +217,16 @@ def param_names(model, optimizer):
     """The names of the optimizer's parameters, in its order (the numbering of a state dict)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def resume_command(d, args):
+    """The command that continues this run: python ..., or the same torchrun launch."""
+    if not d.launched:
+        return f"python {' '.join(args)}"
+    nproc = d.world // d.nodes
+    if d.nodes == 1:
+        return f"torchrun --standalone --nproc_per_node={nproc} {' '.join(args)}"
+    return f"torchrun <the same --nnodes, --node_rank and --rdzv_* flags> --nproc_per_node={nproc} {' '.join(args)}"
 
 
 def close(d):

@@ -211,3 +211,48 @@ def test_engine_cuda_graph_equals_eager():
     for p, row in zip(prompts, eager):
         alone = model.generate(torch.tensor([p], device="cuda"), 24, temperature=0, use_cache=False)[0, len(p):]
         assert row == alone.tolist()
+
+
+def torchrun_gpu(flags, nproc, timeout=600):
+    """torchrun --standalone --nproc_per_node=nproc train.py flags on this machine's GPUs."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "train.py"), *flags]
+    return subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_on_gpus_tracks_one_process(gpu_flags, tmp_path, parallel):
+    """NCCL on every GPU of the machine (1 or 2): bf16, compile, dropout and 4 micro-batches per step, against one
+    plain process with the same global batch; its checkpoint samples in one process."""
+    nproc = min(2, torch.cuda.device_count())
+    common = gpu_flags + ["--dtype=bfloat16", "--compile=True", "--gradient_accumulation_steps=4", "--dropout=0.1"]
+    run(common + [f"--out_dir={tmp_path / 'one'}"])
+    res = torchrun_gpu(common + [f"--out_dir={tmp_path / 'n'}", f"--parallel={parallel}"], nproc)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "n")
+    for it in (4, 8, 12):  # bf16 rounding, reduction order and (with 2 ranks) dropout masks differ
+        assert abs(a[it]["val_loss"] - b[it]["val_loss"]) < 0.05, (it, a[it], b[it])
+    assert b[12]["val_loss"] < b[0]["val_loss"] - 0.3
+    ckpt = read_checkpoint(tmp_path / "n" / "ckpt.pt")
+    assert ckpt["world_size"] == nproc and all(type(t) is torch.Tensor for t in ckpt["model"].values())
+    import sample
+    sample.main([f"--out_dir={tmp_path / 'n'}", "--num_samples=1", "--max_new_tokens=8", "--device=cuda"])
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_on_gpus_resumes_exactly(gpu_flags, tmp_path, parallel):
+    """8 steps, a stop, 4 more under torchrun on the GPUs equal 12 straight (bf16, dropout, eager)."""
+    nproc = min(2, torch.cuda.device_count())
+    common = gpu_flags + ["--dtype=bfloat16", "--gradient_accumulation_steps=4", "--dropout=0.1",
+                          f"--parallel={parallel}"]
+    for extra in ([f"--out_dir={tmp_path / 'straight'}"], [f"--out_dir={tmp_path / 's'}", "--max_iters=8"],
+                  [f"--out_dir={tmp_path / 's'}", "--init_from=resume"]):
+        res = torchrun_gpu(common + extra, nproc)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert metrics(tmp_path / "s")[12]["val_loss"] == metrics(tmp_path / "straight")[12]["val_loss"]

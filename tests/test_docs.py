@@ -28,15 +28,17 @@ def commands(path):
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].strip()
-            if line.startswith("python "):
+            if line.startswith(("python ", "torchrun ")):
                 out.append(line)
-    out += [span for span in re.findall(r"`(python [^`]+)`", text)]
+    out += [span for span in re.findall(r"`((?:python|torchrun) [^`]+)`", text)]
     return out
 
 
 def script_and_args(cmd):
     cmd = re.sub(r"\[[^\]]*\]", "", cmd)  # [--optional flags] stand for choices, not literal text
     words = [w for w in shlex.split(cmd)[1:] if w not in ("...", "-u")]
+    if cmd.startswith("torchrun "):  # its own flags (--nproc_per_node=2, ...) come before the script
+        words = words[next(i for i, w in enumerate(words) if not w.startswith("--")):]
     if words[0] == "-m":
         return f"-m {words[1]}", words[2:]
     return words[0], words[1:]
