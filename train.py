@@ -255,7 +255,7 @@ def train(cfg):
                     improved = metrics["val_loss"] < progress.best_val_loss
                     progress.best_val_loss = min(progress.best_val_loss, metrics["val_loss"])
                     progress.last_eval_iter = it
-                    monitor.evaluation(it, metrics, improved, lr=get_lr(max(it - 1, 0), cfg))  # the last step's lr
+                    monitor.evaluation(it, metrics, improved, lr=get_lr(max(it - 1, 0), cfg) * progress.lr_scale)
                     if improved or cfg.always_save_checkpoint:
                         run.save(state())
                 if it >= cfg.max_iters or guard.stop:  # guard.stop: early stopping's reason, else ""
@@ -273,9 +273,9 @@ def train(cfg):
                     monitor.report(it, lr)
                     path = run.save(state(), best=cfg.always_save_checkpoint)
                     args = [a for a in sys.argv if not a.startswith("--init_from=")]
-                    monitor.end(it, signal.Signals(stop.signal).name, f"{signal.Signals(stop.signal).name}: saved "
-                                f"{path} at step {it}. Resume with:\n"
-                                f"  {distributed.resume_command(d, args)} --init_from=resume")
+                    name = signal.Signals(stop.signal).name
+                    monitor.end(it, name, f"{name}: saved {path} at step {it}. Resume with:\n"
+                                          f"  {distributed.resume_command(d, args)} --init_from=resume")
                     raise SystemExit(128 + stop.signal)
         monitor.end(it, guard.stop or "max_iters", best_val_loss=progress.best_val_loss)
         monitor.close()

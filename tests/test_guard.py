@@ -126,6 +126,16 @@ def test_spike_rolls_back_exactly_skips_the_batch_and_finishes(tiny_flags, tmp_p
     assert read_checkpoint(tmp_path / "out" / "ckpt.pt")["guard"]["rollbacks"] == 1
 
 
+def test_a_lora_run_rolls_back_its_adapters(tiny_flags, trained, tmp_path, monkeypatch):
+    """A LoRA run's checkpoint holds the adapters apart from the rest: the rollback puts them back exactly too."""
+    poison(monkeypatch, steps={9})
+    run_train(tiny_flags + ["--max_iters=12", "--spike_guard=True", f"--init_from={trained / 'ckpt.pt'}",
+                            "--lora_rank=4"])
+    evals = {m["iter"]: m for m in read_metrics(tmp_path / "out")}
+    assert [r["to_iter"] for r in read_metrics(tmp_path / "out", "rollback")] == [5]
+    assert evals[10]["val_loss"] == evals[5]["val_loss"] and evals[12]["val_loss"] != evals[5]["val_loss"]
+
+
 def test_nan_rolls_back_from_the_checkpoint_on_disk(tiny_flags, tmp_path, monkeypatch, capsys):
     poison(monkeypatch, steps={7}, factor=math.nan)
     run_train(tiny_flags + ["--max_iters=12", "--spike_guard=True", "--spike_rollback=disk"])

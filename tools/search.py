@@ -25,6 +25,7 @@ run the same command again after a Ctrl-C, a kill or a crash and it goes on, res
 Linux (it saves and stops), so it never runs on unwatched.
 """
 
+import ast
 import ctypes
 import difflib
 import itertools
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import train
 from sologpt import checkpoint
-from sologpt.configurator import UserError, _parse, check_type
+from sologpt.configurator import UserError, check_type
 from tools import runs
 
 POLL_S = 0.5  # how often a running trial's metrics.jsonl is read
@@ -133,7 +134,10 @@ def load(argv):
             key, eq, text = arg[2:].partition("=")
             if not eq:
                 raise UserError(f"flag {arg!r} has no value: write --{key}=VALUE")
-            value = _parse(text)
+            try:
+                value = ast.literal_eval(text)  # "3" -> 3, "[1e-3, 3e-3]" -> a list; anything else: the text
+            except (ValueError, SyntaxError):
+                value = text
             hint = train_hints.get(key, search_hints.get(key))
             if hint is str and not isinstance(value, str) and not isinstance(value, list):
                 value = text  # --search_dir=1 means the string "1"
