@@ -48,6 +48,41 @@ def poison(monkeypatch, steps, factor=1000.0):
     monkeypatch.setattr(build, "loss_model", lambda *a, **k: Poisoned(real_loss(*a, **k), factor))
 
 
+def test_rewind_puts_back_weights_optimizer_scaler_and_rng_exactly():
+    """checkpoint.rewind, the rollback itself: after more steps, everything a checkpoint holds is back bit for bit, in
+    the same tensors (a compiled step keeps its references); the batch generator alone goes on."""
+    import io
+    from conftest import make_model
+    from sologpt import checkpoint
+    from sologpt.hardware import LossScaler
+    cfg = train_mod.TrainConfig(device="cpu", dropout=0.1)
+    model = make_model(dropout=0.1).train()
+    optimizer, scaler = train_mod.make_optimizer(model, cfg, "cpu"), LossScaler("cpu", enabled=False)
+    gen, progress = torch.Generator().manual_seed(0), checkpoint.Progress()
+    x = torch.randint(0, 64, (2, 16), generator=gen)
+
+    def steps(n):
+        for _ in range(n):
+            train_mod.train_step(model, optimizer, scaler, [(x, x, {})], torch.autocast("cpu", enabled=False), 1.0)
+
+    steps(2)
+    buf = io.BytesIO()
+    torch.save(checkpoint.training_state(model, optimizer, scaler, gen, progress, cfg, "scratch", 0.0), buf)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()}
+    rng, params = torch.get_rng_state(), [id(p) for p in model.parameters()]
+    steps(3)
+    torch.randint(0, 64, (5,), generator=gen)
+    gen_after = gen.get_state()
+    buf.seek(0)
+    checkpoint.rewind(torch.load(buf, weights_only=True), model, optimizer, scaler, cfg)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    state = optimizer.state_dict()["state"]
+    assert all(torch.equal(state[i][k], v) for i in moments for k, v in moments[i].items())
+    assert torch.equal(torch.get_rng_state(), rng) and [id(p) for p in model.parameters()] == params
+    assert torch.equal(gen.get_state(), gen_after)  # not put back: the batches since are skipped
+
+
 def test_early_stopping_keeps_the_best_checkpoint_and_records_why(tiny_flags, tmp_path, capsys):
     # learning rate 0: val loss never improves on step 0's, so patience 2 ends the run at the evaluation of step 4
     run_train(tiny_flags + ["--max_iters=20", "--eval_interval=2", "--learning_rate=0", "--min_lr=0",

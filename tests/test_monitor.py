@@ -78,6 +78,12 @@ def test_tensorboard_holds_the_scalars_and_the_sample(tiny_flags, tmp_path):
     assert all(len(s.tensor_proto.string_val[0].decode()) >= 12 for s in samples)
 
 
+def test_the_plot_tool_without_matplotlib_is_one_line(trained, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import matplotlib.figure raises ImportError
+    assert "needs matplotlib: pip install matplotlib" in error_of(plot_tool.main, [str(trained)], capsys)
+
+
 def test_missing_optional_packages_stop_in_one_line_at_start(tiny_flags, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(board, "find_spec", lambda name: None)
     monkeypatch.setattr(plots, "find_spec", lambda name: None)

@@ -418,6 +418,9 @@ def search(argv):
             else:  # the trial this search was running when it stopped
                 out = Path(t["out_dir"])
                 resume = (out / "ckpt.pt").exists() or (out / "last.pt").exists()
+                if not resume:  # it saved nothing: it starts again, its curve too
+                    t["curve"] = {}
+                    t.pop("pruned", None)
             out_dir = Path(t["out_dir"])
             out_dir.mkdir(parents=True, exist_ok=True)
             trial_config(out_dir / "trial.py", out_dir, fixed, t["params"],
