@@ -16,8 +16,8 @@ def run(flags):
 
 
 def metrics(out):
-    import json
-    return {m["iter"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    from sologpt.rundir import read_metrics
+    return {m["iter"]: m for m in read_metrics(out)}
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ gradients of a 1-process run with the same global batch, resumes exactly, and it
 SIGTERM stops every rank after the same step; two simulated nodes train; a rank that fails ends the job."""
 
 import functools
-import json
 import os
 import signal
 import socket
@@ -17,6 +16,7 @@ import torch.distributed as dist
 
 from conftest import REPO, SHARED, run_train
 from sologpt.checkpoint import read as read_checkpoint
+from sologpt.rundir import read_metrics
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def torchrun(args, nproc=2, timeout=120, extra=()):
 
 
 def metrics(out):
-    return {m["iter"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    return {m["iter"]: m for m in read_metrics(out)}
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
