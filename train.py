@@ -258,6 +258,7 @@ def train(cfg):
                     monitor.evaluation(it, metrics, improved, lr=get_lr(max(it - 1, 0), cfg) * progress.lr_scale)
                     if improved or cfg.always_save_checkpoint:
                         run.save(state())
+                    monitor.restart()  # the evaluation and the save are not step time
                 if it >= cfg.max_iters or guard.stop:  # guard.stop: early stopping's reason, else ""
                     break
 

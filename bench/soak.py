@@ -12,7 +12,6 @@ does not matter here. Every run's full output goes to --log.
 """
 
 import argparse
-import json
 import re
 import signal
 import statistics
@@ -20,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from sologpt.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,8 +78,8 @@ def main():
         stopped = re.search(r"SIGTERM: saved \S+ at step (\d+)", text1)
         text2, rc2 = run(train_cmd(args, root, out, args.steps) + ["--init_from=resume"], log)
         text3, rc3 = run(train_cmd(args, root, root / "reference", first_eval_after), log)
-        evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        ref = {m["iter"]: m for m in map(json.loads, (root / "reference" / "metrics.jsonl").read_text().splitlines())}
+        evals = read_metrics(out)
+        ref = {m["iter"]: m for m in read_metrics(root / "reference")}
     print(f"exit codes: first part {rc1} (143 = stopped by SIGTERM), resumed {rc2}, reference {rc3}; stopped after "
           f"step {stopped.group(1) if stopped else '?'}")
     windows = {}  # eval step -> tokens/s of the log windows before it
