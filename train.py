@@ -272,6 +272,7 @@ def train(cfg):
         raise UserError(memory.oom_message(cfg, cfg.device))
     finally:
         monitor.close()
+        run.close()  # out_dir's lock
         distributed.close(d)
     return progress.best_val_loss
 

@@ -87,8 +87,12 @@ class Monitor:
         if self.scaler.is_enabled():
             record.update(loss_scale=self.scaler.get_scale(), skipped_steps=self.scaler.skipped_steps)
         if self.d.main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise UserError(f"cannot append to {self.metrics_path}: {e.strerror or e}: free disk space or check "
+                                f"that the folder is writable; {self.ckpt_path} was not overwritten")
         self.restart()
 
     def close(self):
