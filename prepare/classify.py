@@ -9,7 +9,6 @@ writes data/NAME/{train,val}.bin (the tokens of every example, one after another
 characters with "\\n": one fixed last token, which is where the head reads the text by default.
 """
 
-import argparse
 import csv
 import json
 import os
@@ -22,6 +21,7 @@ if __package__ in (None, ""):  # run as `python prepare/classify.py`: make `prep
 import numpy as np
 
 from prepare.common import PrepareError, sha256_file, token_dtype, write_meta
+from sologpt.configurator import ArgumentParser
 
 
 def read_rows(path, text_field, label_field):
@@ -133,7 +133,7 @@ def write_dataset(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python prepare/classify.py", description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, metavar="PATH", help="training rows, .jsonl or .csv")
     p.add_argument("--val_input", metavar="PATH", help="validation rows; else --val_fraction of --input")
     p.add_argument("--val_fraction", type=float, default=0.1)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from sologpt.configurator import ArgumentParser
+
 
 class PrepareError(Exception):
     """An expected user mistake: main() prints it as one `error: ...` line and exits 1."""
@@ -26,7 +28,7 @@ class PrepareError(Exception):
 
 def make_parser(description, default_name):
     """The command line every prepare script shares."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(prog=f"python prepare/{default_name}.py", description=description)
     p.add_argument("--input", metavar="PATH", help="use this local text file instead of downloading")
     p.add_argument("--name", default=default_name,
                    help="output folder under --data_root (default: %(default)s)")
@@ -162,7 +164,8 @@ class TokenWriter:
 
 
 def write_meta(data_dir, meta):
-    """Write meta.json atomically (temp file + rename)."""
+    """Write meta.json atomically (temp file + rename), then sync the folder: the renames before it (the token
+    files') and its own survive a power cut once the folder's entry is on disk."""
     path = Path(data_dir) / "meta.json"
     tmp = Path(f"{path}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -171,6 +174,11 @@ def write_meta(data_dir, meta):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish(data_dir, train, val, input_path, meta):
