@@ -174,25 +174,25 @@ def progress(out):
 
 
 def pick(rng, kind, it, last_eval):
-    """A kill point of this kind that the process reaches, resuming after step `it`, drawn from the first half of
-    what is left so that the run goes on through several kills: (kind, n, k)."""
+    """A kill point of this kind that the process reaches, resuming after step `it`, anywhere in what is left but
+    after the last save (which would leave nothing to resume): (kind, n, k)."""
     evals = len([i for i in range(it, STEPS + 1) if (i % EVERY == 0 or i == STEPS) and i != last_eval])
     if not evals:
         kind = "step"
     elif it == STEPS:
         kind = "eval"
 
-    def early(count):
-        return rng.randint(1, max(1, (count + 1) // 2))
+    def anywhere(count):
+        return rng.randint(1, max(1, count))
 
     if kind == "step":
-        return kind, early(2 * (STEPS - it)), 0
+        return kind, anywhere(2 * (STEPS - it)), 0
     if kind == "eval":  # eval_iters=2 batches of each split per evaluation
-        return kind, early(4 * evals), 0
+        return kind, anywhere(4 * evals), 0
     if kind == "metrics":
-        return kind, early(evals), 0
+        return kind, anywhere(evals), 0
     # config.json, meta.json and metrics.jsonl at the start, then one checkpoint per evaluation (not the last one)
-    return kind, early(2 + evals), rng.randint(0, 1) if kind == "replace" else rng.randint(1, 6)
+    return kind, anywhere(2 + evals), rng.randint(0, 1) if kind == "replace" else rng.randint(1, 6)
 
 
 @pytest.fixture(scope="module")
