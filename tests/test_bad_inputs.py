@@ -108,6 +108,7 @@ def world(char_data, tmp_path_factory):
     variants = {
         "missing_tensor": lambda c: c["model"].pop("transformer.h.0.attn.c_attn.weight"),
         "wrong_shape": lambda c: c["model"].__setitem__("transformer.h.1.mlp.c_fc.weight", torch.zeros(5, 5)),
+        "wrong_width": lambda c: c["model"].__setitem__("transformer.h.0.attn.c_proj.weight", torch.zeros(32, 31)),
         "extra_tensor": lambda c: c["model"].__setitem__("transformer.h.0.attn.extra", torch.zeros(2)),
         "config_type": lambda c: c["model_config"].__setitem__("n_embd", "32"),
         "config_shape": lambda c: c["model_config"].__setitem__("n_embd", 48),
@@ -116,6 +117,7 @@ def world(char_data, tmp_path_factory):
         "no_optimizer": lambda c: c.pop("optimizer"),
         "bad_moment": lambda c: c["optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(3)),
         "no_rng": lambda c: c.pop("rng"),
+        "bad_rng": lambda c: c["rng"].__setitem__("torch", "x"),
         "bad_iter": lambda c: c.__setitem__("iter_num", "2"),
         "version_2": lambda c: c.__setitem__("format_version", 2),
     }
@@ -312,6 +314,7 @@ CASES = [
     *[(f"{name} {entry}", entry.split("-")[0], args + name + suffix, fragment) for name, fragment in [
         ("missing_tensor", "is damaged (the tensor transformer.h.0.attn.c_attn.weight is missing)"),
         ("wrong_shape", "is damaged (transformer.h.1.mlp.c_fc.weight has shape (5, 5), but its model_config makes (128, 32))"),
+        ("wrong_width", "is damaged (transformer.h.0.attn.c_proj.weight has shape (32, 31), but its model_config makes (32, 32))"),
         ("config_type", "is damaged (model_config n_embd='32' is not a int)"),
         ("config_shape", "is damaged (transformer.wte.weight has shape ({V}, 32), but model_config makes ({V}, 48))"),
         ("config_layers", "is damaged (it holds 2 blocks, but model_config says n_layer=3)"),
@@ -333,6 +336,7 @@ CASES = [
     ("no optimizer", "train", R + "no_optimizer", "is damaged (the training state has no 'optimizer')"),
     ("bad moment", "train", R + "bad_moment", "is damaged (the optimizer's exp_avg of parameter 0 has shape (3,)"),
     ("no rng", "train", R + "no_rng", "is damaged (the training state has no 'rng')"),
+    ("bad rng", "train", R + "bad_rng", "is damaged (the random generators' states are missing)"),
     ("bad iter", "train", R + "bad_iter", "is damaged (iter_num='2' has the wrong type)"),
     ("no meta for sample", "sample", "--device=cpu --out_dir={root}/bad/nometa", "no meta.json beside"),
     *[(f"{name} {entry}", entry, args + name, fragment) for names, readers in [

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import traceback
 
 import pytest
@@ -43,6 +44,20 @@ def flags_for(char_data, out):
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
+    while True:  # with other threads in the process the kill may land a moment later: nothing more may happen here
+        time.sleep(1)
+
+
+def ctrl_c_twice():
+    """Two SIGINTs, the second once the first was handled: signals a process sends itself may reach it a moment
+    later (on another thread), and two pending ones of a kind are handled once. Returns once the second raised."""
+    stopper = signal.getsignal(signal.SIGINT).__self__  # train.py's StopOnSignal
+    os.kill(os.getpid(), signal.SIGINT)
+    while stopper.signal is None:
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGINT)
+    while True:  # the KeyboardInterrupt comes out of here
+        time.sleep(0.001)
 
 
 def arm(kind, n, k):
@@ -323,8 +338,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tiny_flags, tmp_path, monk
 
     def get_lr(it, cfg):
         if it == 6:  # Ctrl-C, and another before the step could finish
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
+            ctrl_c_twice()
         return real_get_lr(it, cfg)
 
     monkeypatch.setattr(train_mod, "get_lr", get_lr)
@@ -352,9 +366,7 @@ def test_a_second_ctrl_c_during_the_save_keeps_the_previous_checkpoint(tiny_flag
             self.f = f
 
         def write(self, data):
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-            return self.f.write(data)
+            ctrl_c_twice()
 
         def __getattr__(self, name):
             return getattr(self.f, name)
