@@ -341,6 +341,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tiny_flags, tmp_path, monk
             ctrl_c_twice()
         return real_get_lr(it, cfg)
 
+    handler = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     monkeypatch.setattr(train_mod, "get_lr", get_lr)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
@@ -351,7 +352,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tiny_flags, tmp_path, monk
     out = tmp_path / "out"
     assert checkpoint.read(out / "ckpt.pt")["iter_num"] == 4  # the evaluation's checkpoint, not step 6 or 7
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "meta.json", "metrics.jsonl"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_a_second_ctrl_c_during_the_save_keeps_the_previous_checkpoint(tiny_flags, tmp_path, monkeypatch, capsys):
