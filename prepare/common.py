@@ -201,13 +201,23 @@ def publish(data_dir, train, val, input_path, meta):
     return meta
 
 
+def write_problem(e, data_dir):
+    """A failed write (a full disk, a read-only folder) as one PrepareError line; the token files being written are
+    deleted and the dataset that was there is as it was."""
+    return PrepareError(f"cannot write {e.filename or data_dir}: {e.strerror or e}: free disk space or choose another "
+                        f"--data_root")
+
+
 def run(argv, description, name, url, sha256, write_dataset):
     """A prepare script's command line: find or download the text, write the dataset, print a summary."""
     args = make_parser(description, name).parse_args(argv)
     data_dir = Path(args.data_root) / args.name
     try:
         path = fetch_input(name, url, sha256, args.input, data_dir)
-        meta = write_dataset(path, data_dir, args.val_fraction, args.chunk_bytes)
+        try:
+            meta = write_dataset(path, data_dir, args.val_fraction, args.chunk_bytes)
+        except OSError as e:
+            raise write_problem(e, data_dir)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

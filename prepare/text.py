@@ -34,7 +34,7 @@ from sologpt import tokenizer
 from sologpt.configurator import ArgumentParser
 from prepare.clean import CLEAN_RULES, FILTERS, WORD, Limits, clean, quality_problem
 from prepare.common import (PrepareError, TokenWriter, decode_text, find_inputs, fraction_arg, ordered_map,
-                            publish_splits, token_dtype)
+                            publish_splits, token_dtype, write_problem)
 from prepare.dedup import NearDuplicates, char_shingles, exact_key, minhash, minhash_params, word_shingles
 
 CHAR_EOT = "\x03"  # ASCII "end of text" separates documents at char level; removed from the text itself
@@ -403,7 +403,10 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        meta = write_dataset(args)
+        try:
+            meta = write_dataset(args)
+        except OSError as e:
+            raise write_problem(e, Path(args.data_root) / args.name)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

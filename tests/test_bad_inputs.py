@@ -171,6 +171,13 @@ def world(char_data, tmp_path_factory):
     copy_data("short_train", lambda d: (d / "train.bin").write_bytes(b"\0\0" * 10))
     char_dataset(data, "beyond_vocab", [0, 1, 2, 70] * 50, 65, max_token_id=3)  # meta.json's max_token_id lies
     char_dataset(data, "other_vocab", list(range(10)) * 20, 10)
+    d = char_dataset(data, "val_beyond_vocab", list(range(10)) * 20, 65)
+    np.asarray([0, 1, 2, 70] * 50, dtype=np.uint16).tofile(d / "val.bin")  # only val.bin holds the bad id
+    shutil.copytree(data / "cls", data / "cls_beyond")
+    cls_vocab = json.loads((data / "cls" / "meta.json").read_text())["vocab_size"]
+    tokens = np.fromfile(data / "cls_beyond" / "train.bin", dtype=np.uint16)
+    tokens[0] = cls_vocab + 3  # meta.json's max_token_id still says every id fits
+    tokens.tofile(data / "cls_beyond" / "train.bin")
     shutil.copytree(data / "cls", data / "cls_labels")
     labels = np.fromfile(data / "cls_labels" / "val_labels.bin", dtype=np.int64)
     np.full(len(labels), 9, dtype=np.int64).tofile(data / "cls_labels" / "val_labels.bin")  # 2 classes: 0 and 1
@@ -198,6 +205,13 @@ def world(char_data, tmp_path_factory):
     (root / "hf_noweights").mkdir()
     (root / "hf_noweights" / "config.json").write_text(json.dumps(dict(n_positions=64, vocab_size=65, n_layer=2,
                                                                          n_head=2, n_embd=32)))
+    for name, files in (("hf_zero", {}), ("hf_badst", {"model.safetensors": b"not safetensors"}),
+                        ("hf_badbin", {"pytorch_model.bin": b"not a torch file"})):
+        (root / name).mkdir()
+        config = dict(n_positions=64, vocab_size=65, n_layer=2, n_head=0 if name == "hf_zero" else 2, n_embd=32)
+        (root / name / "config.json").write_text(json.dumps(config))
+        for file, content in files.items():
+            (root / name / file).write_bytes(content)
     (root / "docs").mkdir()
     vocab = json.loads((run / "meta.json").read_text())["vocab_size"]
     return {"root": root, "data": data, "run": run, "T": train, "V": vocab}
@@ -307,6 +321,9 @@ CASES = [
     ("short train.bin", "train", T + " --dataset=short_train", "train.bin has 10 tokens, fewer than block_size + 1"),
     ("ids beyond vocab", "train", T + " --dataset=beyond_vocab --block_size=8",
      "{data}/beyond_vocab holds token id 70 but {data}/beyond_vocab/meta.json says vocab_size=65"),
+    ("ids beyond vocab in val", "train", T + " --dataset=val_beyond_vocab --block_size=8",
+     "{data}/val_beyond_vocab holds token id 70 but"),
+    ("classifier ids beyond vocab", "train", T + " --dataset=cls_beyond --task=classify", "{data}/cls_beyond holds token id"),
     ("labels out of range", "train", T + " --dataset=cls_labels --task=classify", "val_labels.bin has a label id outside"),
     ("offsets odd-sized", "train", T + " --dataset=cls_offsets --task=classify", "train_offsets.bin is empty or not a whole number"),
     ("no labels", "train", T + " --dataset=cls_nolabels --task=classify", "has no list of at least two label names"),
@@ -380,6 +397,9 @@ CASES = [
     ("score hf dir", "score", "--input={root}/held.txt --hf_dir={root}/nope", "--hf_dir {root}/nope is not a directory"),
     ("score hf json", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_bad", "config.json is not valid JSON"),
     ("score hf weights", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_noweights", "has no model.safetensors or pytorch_model.bin"),
+    ("score hf zero heads", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_zero", "n_head=0 is not a positive integer"),
+    ("score hf safetensors", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_badst", "model.safetensors cannot be read"),
+    ("score hf bin", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_badbin", "pytorch_model.bin cannot be read as tensors only"),
     ("score classifier", "score", "--device=cpu --input={root}/held.txt --out_dir={root}/cls", "is a classifier: scoring needs a language model"),
     ("score unknown char", "score", "--device=cpu --input={root}/latin1.txt --ckpt={root}/cls/ckpt.pt", "UTF-8"),
     # -- tools/export.py

@@ -23,7 +23,7 @@ import torch
 import model as model_mod
 import train as train_mod
 from conftest import error_of
-from sologpt import checkpoint, monitor
+from sologpt import build, checkpoint, monitor, rundir
 
 STEPS, EVERY = 16, 4  # optimizer steps of the run, and the evaluation (and checkpoint) interval
 KINDS = ("step", "eval", "write", "replace", "metrics")
@@ -324,6 +324,44 @@ def test_a_failing_write_at_the_start_or_of_metrics_is_one_line(tiny_flags, tmp_
     assert (out / "ckpt.pt").read_bytes() == before["ckpt.pt"] and not (out / "train.lock").exists()
 
 
+def test_tools_and_prepare_stop_in_one_line_on_a_full_disk(trained, tmp_path, monkeypatch, capsys):
+    """tools.quantize and tools.export write through checkpoint.save, prepare/ through its token writers: a full
+    disk is one line, and the files the user had are as they were."""
+    from prepare import classify as prep_classify, shakespeare_char, text as prep_text
+    from tools import export as export_mod, quantize as quantize_mod
+    from conftest import SHAKESPEARE
+    old = tmp_path / "old.pt"
+    old.write_bytes(b"the user's file")
+    data = tmp_path / "data"
+    text = tmp_path / "in.txt"
+    text.write_text(SHAKESPEARE.read_text()[:20_000])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"row {i} " * 3, "label": "ab"[i % 2]}) + "\n" for i in range(40)))
+    shakespeare_char.main(["--input", str(text), "--data_root", str(data), "--name", "char"])
+    prep_text.main([str(rows), "--name", "doc", "--data_root", str(data), "--min_split_tokens", "1", "--workers", "1"])
+    prep_classify.main(["--input", str(rows), "--name", "cls", "--data_root", str(data), "--tokenizer", "char"])
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    runs = [(quantize_mod.main, ["--ckpt", str(trained / "ckpt.pt"), "--mode", "int8", "--out", str(old)], checkpoint),
+            (export_mod.main, [f"--out_dir={trained}", f"--merged_ckpt={old}"], checkpoint),
+            (shakespeare_char.main, ["--input", str(text), "--data_root", str(data), "--name", "char"],
+             sys.modules["prepare.common"]),
+            (prep_text.main, [str(rows), "--name", "doc", "--data_root", str(data), "--workers", "1"],
+             sys.modules["prepare.common"]),
+            (prep_classify.main, ["--input", str(rows), "--name", "cls", "--data_root", str(data), "--tokenizer",
+                                  "char"], prep_classify)]
+    for main, argv, module in runs:
+        with monkeypatch.context() as m:
+            m.setattr(module, "open", full, raising=False)
+            err = error_of(main, argv, capsys)
+        assert "No space left on device: free disk space" in err, err
+    assert old.read_bytes() == b"the user's file"
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before  # no temp file left either
+
+
 def test_out_dir_that_is_a_file(tiny_flags, tmp_path, capsys):
     (tmp_path / "out").write_text("my notes")
     assert "is a file, not a folder" in error_of(train_mod.main, tiny_flags + ["--max_iters=2"], capsys)
@@ -401,7 +439,7 @@ time.sleep(120)
 """
 
 
-def test_a_live_run_holds_out_dir_and_a_dead_ones_lock_is_taken_over(tiny_flags, tmp_path, capsys):
+def test_a_live_run_holds_out_dir_and_a_dead_ones_lock_is_taken_over(tiny_flags, tmp_path, monkeypatch, capsys):
     train_mod.main(tiny_flags + ["--max_iters=2"])
     out = tmp_path / "out"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -409,7 +447,9 @@ def test_a_live_run_holds_out_dir_and_a_dead_ones_lock_is_taken_over(tiny_flags,
     try:
         assert holder.stdout.readline().strip() == "locked"
         for extra in (["--init_from=resume", "--max_iters=4"], ["--overwrite=True"]):  # a resume, or a new run
-            err = error_of(train_mod.main, tiny_flags + extra, capsys)
+            with monkeypatch.context() as m:  # refused before any work: no model is built
+                m.setattr(build, "build_model", lambda *a, **k: pytest.fail("built a model"))
+                err = error_of(train_mod.main, tiny_flags + extra, capsys)
             assert f"out_dir {out} is in use by another run (pid {holder.pid} on somehost" in err, err
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"} == before
     finally:
@@ -431,3 +471,51 @@ def test_temp_files_of_a_killed_writer_go_at_the_next_save(tmp_path):
         p.write_bytes(b"half")
     checkpoint.save(path, {"x": torch.ones(2)})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, alive.name, other.name])
+
+
+def test_a_taken_over_lock_holds_the_new_holder_only_and_is_the_file_at_its_path(tmp_path, monkeypatch):
+    import fcntl
+    import socket
+    path = tmp_path / "train.lock"
+    path.write_text("99999999 a-long-host-name-of-a-machine-that-is-gone\n")  # longer than what replaces it
+    lock = rundir.OutDirLock(path)
+    lock.acquire()
+    assert path.read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+    lock.release()
+    assert not path.exists()
+
+    real_flock, calls = fcntl.flock, []
+
+    def flock(fd, op):  # the holder removes its file between our open and our flock, another run creates a new one
+        calls.append(fd)
+        if len(calls) == 1:
+            path.unlink()
+            path.write_text("")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(rundir.fcntl, "flock", flock)
+    lock.acquire()
+    assert len(calls) == 2 and os.fstat(lock.fd).st_ino == os.stat(path).st_ino  # it holds the file at the path
+    lock.release()
+
+
+def test_a_run_removes_the_temp_files_a_killed_run_left(tiny_flags, tmp_path, monkeypatch):
+    train_mod.main(tiny_flags + ["--max_iters=2"])
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f"last.pt.{dead.stdout.strip()}.tmp"  # last.pt: a file this run never writes
+    stale.write_bytes(b"half")
+    train_mod.main(tiny_flags + ["--max_iters=3", "--init_from=resume"])
+    assert not stale.exists()
+    other_user = out / "ckpt.pt.4242.tmp"  # a writer os.kill may not signal: it runs, under another user
+    other_user.write_bytes(b"half")
+    real_kill = os.kill
+
+    def kill(pid, sig):
+        if pid == 4242:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    checkpoint.save(out / "ckpt.pt", {"x": torch.ones(1)})
+    assert other_user.exists()

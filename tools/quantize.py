@@ -43,7 +43,10 @@ def run(argv):
         qckpt = checkpoint.quantized(ckpt, args.mode, args.group_size, ("lm_head",) if args.keep_head else ())
     except ValueError as e:
         raise UserError(str(e))
-    checkpoint.save(dst, qckpt)
+    try:
+        checkpoint.save(dst, qckpt)
+    except OSError as e:  # the file it would replace is unchanged (checkpoint.save is atomic)
+        raise UserError(f"cannot write {dst}: {e.strerror or e}: free disk space or pick another --out")
     before, after = src.stat().st_size, dst.stat().st_size
     print(f"{src}: {mb(before)} -> {dst}: {mb(after)} ({after / before:.2f}x, optimizer state dropped)")
     if not ckpt["model"] or "adapter" in ckpt:  # a LoRA run's checkpoint holds adapters: measure the merged model
