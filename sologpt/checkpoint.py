@@ -59,8 +59,7 @@ def save(path, state):
 
 def write_json(path, obj):
     """A JSON file (config.json, meta.json) written as atomically as a checkpoint."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_text(path, text):
