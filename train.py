@@ -214,14 +214,14 @@ def train(cfg):
             memory.auto_batch_size(model, loss_model, source, cfg, ctx)
         print(memory.estimate(model, cfg)[1])
         optimizer = make_optimizer(model, cfg, device_type)
+        scaler = hardware.LossScaler(device_type, enabled=cfg.dtype == "float16")  # float16 only
+        progress = checkpoint.Progress()
+        if ckpt is not None:
+            progress = checkpoint.restore(ckpt, model, optimizer, scaler, source.generator, cfg, d, ckpt_path)
+            print(f"resuming from {ckpt_path} at step {progress.iter_num} (best val loss {progress.best_val_loss:.4f})")
+            del ckpt  # free the CPU copy of the weights and optimizer state
     except ValueError as e:
         raise UserError(str(e))
-    scaler = hardware.LossScaler(device_type, enabled=cfg.dtype == "float16")  # float16 only
-    progress = checkpoint.Progress()
-    if ckpt is not None:
-        progress = checkpoint.restore(ckpt, model, optimizer, scaler, source.generator, cfg, d)
-        print(f"resuming from {ckpt_path} at step {progress.iter_num} (best val loss {progress.best_val_loss:.4f})")
-        del ckpt  # free the CPU copy of the weights and optimizer state
     evaluate = build.evaluator(cfg, data, d)  # evaluate(model, ctx) -> {"train_loss": ..., "val_loss": ..., ...}
     step_model = torch.compile(loss_model) if cfg.compile else loss_model  # `model` stays uncompiled for saving
     step = functools.partial(train_step, step_model, optimizer, scaler, ctx=ctx, grad_clip=cfg.grad_clip)
@@ -289,6 +289,7 @@ def train(cfg):
         raise UserError(memory.oom_message(cfg, cfg.device))
     finally:
         monitor.close()
+        run.close()  # out_dir's lock
         distributed.close(d)
     return progress.best_val_loss
 

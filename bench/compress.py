@@ -10,11 +10,12 @@ quantization-aware training make the int4 model better than post-training int4? 
    training, then int4; (c) the same steps with qat=int4, then int4. (b) and (c) see the same data.
 """
 
-import argparse
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from sologpt.configurator import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, config/, tools/
 
@@ -41,7 +42,7 @@ def val_loss(args, ckpt):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m bench.compress", description=__doc__.splitlines()[0])
     p.add_argument("--shared", default="../shared")
     p.add_argument("--device", default="auto")
     p.add_argument("--iters", type=int, default=3000, help="student steps (config/small.py: 3000)")

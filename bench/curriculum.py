@@ -5,13 +5,13 @@ time at every evaluation (docs/training.md, Curriculum).
     python -m bench.curriculum [--shared ../shared] [--device cpu] [--iters 3000]
 """
 
-import argparse
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from sologpt.configurator import ArgumentParser
 from sologpt.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, config/
@@ -24,7 +24,7 @@ RUNS = {
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m bench.curriculum", description=__doc__.splitlines()[0])
     p.add_argument("--shared", default="../shared")
     p.add_argument("--device", default="cpu")
     p.add_argument("--iters", type=int, default=3000)

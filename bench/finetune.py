@@ -6,13 +6,13 @@ scratch for those steps. Prints the best val loss of each (docs/finetuning.md).
     python -m bench.finetune [--shared ../shared] [--pretrain_iters 1000] [--iters 300] [--device cuda]
 """
 
-import argparse
 import codecs
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from sologpt.configurator import ArgumentParser
 from sologpt.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, prepare/
@@ -42,7 +42,7 @@ def train(args, out, *flags):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m bench.finetune", description=__doc__.splitlines()[0])
     p.add_argument("--shared", default="../shared")
     p.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
     p.add_argument("--pretrain_iters", type=int, default=1000)

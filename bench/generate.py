@@ -9,7 +9,6 @@ The weight-read bound: each decode step reads every weight once, so tokens/s per
 (memory bandwidth / weight bytes); the table prints that bound from a measured device copy.
 """
 
-import argparse
 import copy
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import torch
 from model import GPT, GPTConfig
 from sologpt import hf_gpt2, quantize
 from sologpt.inference import Engine
+
+from sologpt.configurator import ArgumentParser
 
 
 def timed(fn, device, reps=3):
@@ -46,7 +47,7 @@ def copy_bandwidth(device):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(prog="python -m bench.generate", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt", type=int, default=128)

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from sologpt.configurator import ArgumentParser
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository: the children run python -m bench.loss there
 
 
@@ -52,7 +54,7 @@ def child(args):  # torch and the project are imported here only: the parent pro
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(prog="python -m bench.loss", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--device", default="cpu")
     p.add_argument("--n_layer", type=int, default=2)
     p.add_argument("--n_head", type=int, default=4)

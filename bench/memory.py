@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from sologpt.configurator import ArgumentParser
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository: the children run python -m bench.memory there
 
 # name -> (n_layer, n_head, n_embd): the GPT-2 family, then GPT-3-style 2.7B and 6.7B shapes (Brown et al. 2020)
@@ -170,7 +172,7 @@ def fsdp_search(shape, mode, args, env):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(prog="python -m bench.memory", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--cap_gib", type=float, default=24.0)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--modes", nargs="+", default=["full", "full_lean", "lora_bf16", "lora_int8"], choices=list(MODES))

@@ -11,7 +11,6 @@ Expect smaller files and memory, a small perplexity change, and slower generatio
 weight on every forward instead of running a fused low-bit kernel (sologpt/quantize.py says why).
 """
 
-import argparse
 import sys
 import tempfile
 import time
@@ -21,18 +20,13 @@ import numpy as np
 import torch
 
 from sologpt import checkpoint, quantize, tokenizer as tok
-from sologpt.configurator import UserError
+from sologpt.configurator import ArgumentParser, UserError
 from sologpt.hardware import autocast_context, resolve_device
 from tools import score
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 1, like every other script here
-        raise UserError(f"{message} (see python -m bench.quantize --help)")
-
-
 def parse_args(argv):
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m bench.quantize", description=__doc__.splitlines()[0])
     p.add_argument("--out_dir", default="out", help="folder with ckpt.pt and meta.json")
     p.add_argument("--ckpt", default="", help="a float checkpoint file (default: out_dir/ckpt.pt)")
     p.add_argument("--input", default="", help="UTF-8 text to score (default: val.bin of the checkpoint's dataset)")

@@ -13,7 +13,6 @@ first (compile and warm-up). Weak scaling: the tokens/s on N GPUs over the token
 nanoGPT's files are copied into a temporary folder and run there; nothing of it is kept or committed.
 """
 
-import argparse
 import os
 import re
 import shutil
@@ -24,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from sologpt.configurator import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]  # torchrun, from this Python
@@ -91,7 +92,7 @@ def run_nanogpt(n, args, root, log):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(prog="python -m bench.scaling", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="the numbers of GPUs to run on")
     p.add_argument("--parallel", nargs="+", default=["ddp", "fsdp"], choices=["ddp", "fsdp"])
     p.add_argument("--nanogpt", help="a checkout of nanoGPT (karpathy/nanoGPT): its train.py runs as the peer")

@@ -27,6 +27,8 @@ from sologpt import distributed, fp8, hardware
 from sologpt.chunked_ce import ChunkedLoss
 from sologpt.cuda_graph import GraphedStep
 
+from sologpt.configurator import ArgumentParser
+
 
 def measured_matmul_peak(device, n=8192, reps=20):
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -188,7 +190,7 @@ def recipe(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(prog="python -m bench.speed", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[12, 16, 32])
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--vocab_size", type=int, default=50304, help="50257 padded to a multiple of 64, as nanoGPT")
@@ -223,7 +225,7 @@ def main():
     p.add_argument("--recipe", help="a train.py config file: time it to --target instead")
     p.add_argument("--target", type=float, default=1.47)
     p.add_argument("--stop_at_target", action="store_true")
-    r = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the recipe mode's own flags
+    r = ArgumentParser(prog="python -m bench.speed", add_help=False, allow_abbrev=False)  # the recipe mode's flags
     r.add_argument("--recipe")
     r.add_argument("--target", type=float, default=1.47)
     r.add_argument("--stop_at_target", action="store_true")

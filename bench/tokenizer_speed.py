@@ -12,7 +12,6 @@ MB/s of input text for:
 docs/data.md records a run. Offline, set TIKTOKEN_CACHE_DIR to a tiktoken cache.
 """
 
-import argparse
 import json
 import os
 import resource
@@ -24,6 +23,8 @@ import numpy as np
 import tiktoken
 
 from prepare import text as prep
+
+from sologpt.configurator import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository; the shared data lie beside it
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare" / "input.txt"
@@ -72,7 +73,7 @@ def timed(fn, repeat):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m bench.tokenizer_speed", description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=int, default=200, help="corpus size in MB (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the corpus (default: %(default)s)")
     p.add_argument("--max_workers", type=int, default=os.cpu_count(), help="default: all cores (%(default)s)")

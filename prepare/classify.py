@@ -9,7 +9,6 @@ writes data/NAME/{train,val}.bin (the tokens of every example, one after another
 characters with "\\n": one fixed last token, which is where the head reads the text by default.
 """
 
-import argparse
 import csv
 import json
 import os
@@ -21,7 +20,8 @@ if __package__ in (None, ""):  # run as `python prepare/classify.py`: make `prep
 
 import numpy as np
 
-from prepare.common import PrepareError, sha256_file, token_dtype, write_meta
+from prepare.common import PrepareError, sha256_file, token_dtype, write_meta, write_problem
+from sologpt.configurator import ArgumentParser
 
 
 def read_rows(path, text_field, label_field):
@@ -118,11 +118,17 @@ def write_dataset(args):
     data_dir = Path(args.data_root) / args.name
     data_dir.mkdir(parents=True, exist_ok=True)
     files, max_id = [], 0
-    for split in ("train", "val"):
-        written, stats = write_split(data_dir, split, rows[split], encode, label_ids, dtype)
-        files += written
-        max_id = max(max_id, stats.pop("max_id"))
-        meta.update(stats)
+    try:
+        for split in ("train", "val"):
+            written, stats = write_split(data_dir, split, rows[split], encode, label_ids, dtype)
+            files += written
+            max_id = max(max_id, stats.pop("max_id"))
+            meta.update(stats)
+    except BaseException:  # a full disk mid-way: no temp files left; the dataset that was there is untouched
+        for split in ("train", "val"):
+            for name in (f"{split}.bin", f"{split}_offsets.bin", f"{split}_labels.bin"):
+                (data_dir / f"{name}.tmp").unlink(missing_ok=True)
+        raise
     meta.update(task="classify", labels=names, dtype=np.dtype(dtype).name, max_token_id=max_id,
                 source=str(args.input), source_sha256=sha256_file(args.input))
     (data_dir / "meta.json").unlink(missing_ok=True)  # as prepare/common.publish: meta.json last
@@ -133,7 +139,7 @@ def write_dataset(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python prepare/classify.py", description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, metavar="PATH", help="training rows, .jsonl or .csv")
     p.add_argument("--val_input", metavar="PATH", help="validation rows; else --val_fraction of --input")
     p.add_argument("--val_fraction", type=float, default=0.1)
@@ -147,7 +153,10 @@ def main(argv=None):
     try:
         if not 0.0 < args.val_fraction < 1.0:
             raise PrepareError(f"--val_fraction {args.val_fraction} is not strictly between 0 and 1")
-        data_dir, meta = write_dataset(args)
+        try:
+            data_dir, meta = write_dataset(args)
+        except OSError as e:
+            raise write_problem(e, Path(args.data_root) / args.name)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from sologpt.configurator import ArgumentParser
+
 
 class PrepareError(Exception):
     """An expected user mistake: main() prints it as one `error: ...` line and exits 1."""
@@ -26,7 +28,7 @@ class PrepareError(Exception):
 
 def make_parser(description, default_name):
     """The command line every prepare script shares."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(prog=f"python prepare/{default_name}.py", description=description)
     p.add_argument("--input", metavar="PATH", help="use this local text file instead of downloading")
     p.add_argument("--name", default=default_name,
                    help="output folder under --data_root (default: %(default)s)")
@@ -162,7 +164,8 @@ class TokenWriter:
 
 
 def write_meta(data_dir, meta):
-    """Write meta.json atomically (temp file + rename)."""
+    """Write meta.json atomically (temp file + rename), then sync the folder: the renames before it (the token
+    files') and its own survive a power cut once the folder's entry is on disk."""
     path = Path(data_dir) / "meta.json"
     tmp = Path(f"{path}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -171,6 +174,11 @@ def write_meta(data_dir, meta):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish(data_dir, train, val, input_path, meta):
@@ -193,13 +201,23 @@ def publish(data_dir, train, val, input_path, meta):
     return meta
 
 
+def write_problem(e, data_dir):
+    """A failed write (a full disk, a read-only folder) as one PrepareError line; the token files being written are
+    deleted and the dataset that was there is as it was."""
+    return PrepareError(f"cannot write {e.filename or data_dir}: {e.strerror or e}: free disk space or choose another "
+                        f"--data_root")
+
+
 def run(argv, description, name, url, sha256, write_dataset):
     """A prepare script's command line: find or download the text, write the dataset, print a summary."""
     args = make_parser(description, name).parse_args(argv)
     data_dir = Path(args.data_root) / args.name
     try:
         path = fetch_input(name, url, sha256, args.input, data_dir)
-        meta = write_dataset(path, data_dir, args.val_fraction, args.chunk_bytes)
+        try:
+            meta = write_dataset(path, data_dir, args.val_fraction, args.chunk_bytes)
+        except OSError as e:
+            raise write_problem(e, data_dir)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

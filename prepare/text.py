@@ -31,9 +31,10 @@ import numpy as np
 from tqdm import tqdm
 
 from sologpt import tokenizer
+from sologpt.configurator import ArgumentParser
 from prepare.clean import CLEAN_RULES, FILTERS, WORD, Limits, clean, quality_problem
 from prepare.common import (PrepareError, TokenWriter, decode_text, find_inputs, fraction_arg, ordered_map,
-                            publish_splits, token_dtype)
+                            publish_splits, token_dtype, write_problem)
 from prepare.dedup import NearDuplicates, char_shingles, exact_key, minhash, minhash_params, word_shingles
 
 CHAR_EOT = "\x03"  # ASCII "end of text" separates documents at char level; removed from the text itself
@@ -337,6 +338,13 @@ def _ratio(s):
     return x
 
 
+def _length(s):
+    x = float(s)
+    if not 0.0 <= x < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{s} is not a finite number >= 0")
+    return x
+
+
 def _count(s):
     n = int(s)
     if n < 0:
@@ -345,7 +353,7 @@ def _count(s):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog="python prepare/text.py", description=__doc__.splitlines()[0],
                                 epilog="0 switches a filter off. docs/data.md explains each flag.")
     on = argparse.BooleanOptionalAction
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or quoted globs")
@@ -376,8 +384,8 @@ def parse_args(argv):
     g.add_argument("--max_repeated_lines", type=_ratio, default=0.2, help="share of characters (default: %(default)s)")
     g.add_argument("--max_repeated_ngrams", type=_ratio, default=0.3, help="default: %(default)s")
     g.add_argument("--ngram_size", type=int, default=5, help="words per n-gram (default: %(default)s)")
-    g.add_argument("--min_mean_word_length", type=float, default=2.0, help="default: %(default)s")
-    g.add_argument("--max_mean_word_length", type=float, default=12.0, help="default: %(default)s")
+    g.add_argument("--min_mean_word_length", type=_length, default=2.0, help="default: %(default)s")
+    g.add_argument("--max_mean_word_length", type=_length, default=12.0, help="default: %(default)s")
     g = p.add_argument_group("deduplication")
     g.add_argument("--dedup", action=on, default=True, help="drop exact duplicates (case and spacing ignored)")
     g.add_argument("--near_dedup", type=_ratio, default=0.8, metavar="JACCARD",
@@ -395,7 +403,10 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        meta = write_dataset(args)
+        try:
+            meta = write_dataset(args)
+        except OSError as e:
+            raise write_problem(e, Path(args.data_root) / args.name)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

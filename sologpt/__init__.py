@@ -5,7 +5,7 @@ The run and its parts (what train.py calls, in order):
     checks        every TrainConfig value checked before any work; each feature module checks its own (check)
     hardware      "auto" device and dtype, autocast, the float16 loss scaler, CUDA settings, MFU and peak memory
     batches       the prepared dataset (memmaps + meta.json), the micro-batches of a step, the LM evaluation
-    rundir        out_dir: ckpt.pt / last.pt / config.json / meta.json / metrics.jsonl, resume, Ctrl-C handling
+    rundir        out_dir: ckpt.pt / last.pt / config.json / meta.json / metrics.jsonl, its lock, resume, Ctrl-C handling
     build         start point + switches (each a module swap, in a fixed order), loss wrappers, batch source
     checkpoint    the checkpoint format: atomic save, weights_only read, resume state, load_model for every kind
     monitor       the log line, evaluation lines, metrics.jsonl (read back by rundir.read_metrics), the progress bar

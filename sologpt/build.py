@@ -52,7 +52,8 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
         raise ValueError(f"{cfg.dataset} holds token id {max_id}, beyond the model's vocab_size="
                          f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
     if ckpt is not None:
-        checkpoint.check_same_shape(ckpt["model_config"], model.config, ckpt_path)
+        checkpoint.check_same_shape(ckpt["model_config"], model.config, ckpt_path,
+                                    Path(cfg.data_root) / cfg.dataset / "meta.json")
     freeze(model, cfg.freeze_layers, cfg.freeze_embeddings)
     if cfg.lora_rank:  # resuming: the saved adapters, else new ones
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
@@ -64,7 +65,7 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
             raise ValueError(f"qat: {e}")
     memory.lower_frozen_weights(model, cfg.base_dtype)  # before loading: a checkpoint holds them lowered already
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"], strict="adapter" not in ckpt)
+        checkpoint.load_state(model, ckpt["model"], ckpt_path, strict="adapter" not in ckpt)
     if cfg.fp8 or cfg.fp8_head:
         fp8.check_fp8_device(cfg.device, "fp8" if cfg.fp8 else "fp8_head")
         fp8.convert_to_fp8(model, head=cfg.fp8_head, blocks=cfg.fp8)  # same parameters and checkpoint keys
@@ -77,6 +78,9 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
 def start_point(cfg, meta, source, arch, head, behaviour, resuming):
     """Pretrained weights (a GPT-2 directory or a sologpt checkpoint) fitted to the run: positions cropped,
     vocabulary grown, a task head added. Refuses a start point that cannot serve this run's data or config."""
+    if resuming and not Path(source).exists():
+        raise ValueError(f"the run being resumed started from {source}, which is gone: put it back at that path (a "
+                         f"LoRA run's checkpoint holds its adapters, not the base they apply to)")
     if not resuming and Path(source).is_dir() and GPTConfig(**arch).modern_options():
         raise ValueError(f"GPT-2 weights have GPT-2's architecture, but the config sets "
                          f"{', '.join(GPTConfig(**arch).modern_options())}: leave those at their defaults")

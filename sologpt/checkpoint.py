@@ -13,10 +13,15 @@ Tensors and plain values only, so torch.load(weights_only=True) reads it: no pic
 """
 
 import dataclasses
+import glob
 import json
 import math
 import os
+import pickle
+import pickletools
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,49 +53,232 @@ GUARD_KEYS = ("evals_since_best", "rollbacks", "lr_scale", "loss_mean")  # Progr
 
 def save(path, state):
     """Write to a temporary file in the same folder, fsync, rename over the old file, fsync the folder: a crash or a
-    full disk mid-write leaves the previous checkpoint untouched, and a completed save survives a power cut."""
+    full disk mid-write leaves the previous checkpoint untouched, and a completed save survives a power cut. A failed
+    write raises the OSError behind it (no space, read-only, ...), a Ctrl-C the KeyboardInterrupt."""
     _atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def write_json(path, obj):
     """A JSON file (config.json, meta.json) written as atomically as a checkpoint."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_text(path, text):
+    """A text file (metrics.jsonl when a resume cuts it) written as atomically as a checkpoint."""
     _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
 def _atomic_write(path, write):
-    tmp = path.with_name(path.name + ".tmp")
+    # the writer's pid in the temp name: two writers never share one, and a temp file left by a killed writer is
+    # recognised (its pid runs no more) and removed after the next successful write of the same file
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        cause = _root_cause(e)
+        if cause is not None and cause is not e:  # torch's zip writer turns a failed write (or a Ctrl-C in one)
+            raise cause from None  # into a RuntimeError raised while handling it: raise what really happened
         raise
     fd = os.open(path.parent, os.O_RDONLY)  # the rename itself is durable only once the folder is synced
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    remove_stale_temps(path)
+
+
+def _root_cause(e):
+    """The OSError or KeyboardInterrupt behind an exception (itself, or one it was raised while handling), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen and not isinstance(e, (OSError, KeyboardInterrupt)):
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def remove_stale_temps(path):
+    """Delete the temp files of `path` that no running writer owns: NAME.<pid>.tmp of a pid that is gone (a writer
+    killed mid-write), and NAME.tmp (the fixed temp name of earlier versions)."""
+    for tmp in [path.with_name(path.name + ".tmp"), *path.parent.glob(glob.escape(path.name) + ".*.tmp")]:
+        pid = tmp.name[len(path.name) + 1:-len(".tmp")]
+        if not (pid.isdigit() and pid_running(int(pid))):
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+def pid_running(pid):
+    """Whether a process with this id runs on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except OverflowError:
+        return False
+    return True
 
 
 def read(path):
-    """A sologpt checkpoint dict, read with weights_only=True (tensors and plain values, no code); ValueError with a
-    hint when the file is missing, damaged or not a checkpoint of this format."""
+    """A sologpt checkpoint dict, read with weights_only=True (tensors and plain values, no code) and checked by
+    validate(); ValueError with a hint when the file is missing, empty, damaged, unsafe or not of this format."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} does not exist: train first (python train.py ...) or check --out_dir")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle opcode, ...: all mean the file is damaged
-        reason = (str(e).splitlines() or [""])[0][:120]
-        raise ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {reason}): "
-                         f"restore it from a backup or start a new run")
+    ckpt = load_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a sologpt checkpoint of format {FORMAT_VERSION}")
+    validate(ckpt, path)
     return ckpt
+
+
+def load_file(path):
+    """torch.load(path, weights_only=True), its failures as one ValueError line: an empty file, one that asks to run
+    code (refused), and a damaged one."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): restore it from a backup or start a new run")
+    try:
+        with warnings.catch_warnings():  # torch warns (several lines) about the pickle protocol of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle opcode, ...: the file is damaged, unless it asks for code
+        code = _code_in(path, e)
+        if code:
+            raise ValueError(f"{path} was refused as unsafe: it asks to {code}, which could run code; sologpt "
+                             f"checkpoints hold only tensors and plain values: never load files you do not trust")
+        raise ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)}): restore it from a "
+                         f"backup or start a new run")
+
+
+def _code_in(path, error):
+    """What code a file that torch.load(weights_only=True) refused asks for ("import posix.system"), or "": its
+    message names a GLOBAL that a zip checkpoint's pickle imports; a bare pickle is scanned for the opcodes that
+    import or call (without running it). Random or damaged bytes name none."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return ""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if found:
+        return f"import {found.group(1)}"
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+    if not data.startswith(b"\x80"):  # a pickle of protocol 2 or later starts with PROTO
+        return ""
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE"):
+                return "import or call an object"
+    except Exception:  # the bytes stop being a pickle: damaged, not code
+        pass
+    return ""
+
+
+def _first_line(e):
+    return (str(e).splitlines() or [""])[0][:120]
+
+
+# ---- what a checkpoint must hold ------------------------------------------------------------------------------------
+
+def damaged(path, what):
+    return ValueError(f"{path} is damaged ({what}): restore it from a backup or start a new run")
+
+
+def validate(ckpt, path):
+    """The parts every reader needs, of the right types: model_config (a buildable GPTConfig that the embedding's
+    shape agrees with), model (tensors), and the kind's own entry (quantization, or adapter + init_source). A
+    well-formed file with missing keys or wrong shapes is one ValueError here instead of a KeyError or torch's
+    size-mismatch list later. The training state is checked by check_resumable, the tensors by load_state."""
+    config = ckpt.get("model_config")
+    if not isinstance(config, dict):
+        raise damaged(path, "no model_config")
+    fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    for key, value in config.items():
+        if key not in fields:
+            raise damaged(path, f"model_config has an unknown field {key!r}")
+        want = type(fields[key].default)
+        if not (type(value) is want or (want is float and type(value) is int)):
+            raise damaged(path, f"model_config {key}={value!r} is not a {want.__name__}")
+    for key, least in (("block_size", 1), ("vocab_size", 1), ("n_layer", 1), ("n_head", 1), ("n_embd", 1),
+                       ("n_classes", 0)):
+        if config.get(key, least) < least:
+            raise damaged(path, f"model_config {key}={config[key]!r} is below {least}")
+    try:
+        gpt_config = GPTConfig(**config)
+    except ValueError as e:
+        raise damaged(path, f"model_config: {e}")
+    state = ckpt.get("model")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise damaged(path, "'model' is not a dict of tensors")
+    if "adapter" in ckpt:
+        if not isinstance(ckpt["adapter"], dict) or not isinstance(ckpt.get("init_source"), str):
+            raise damaged(path, "a LoRA run's checkpoint needs its adapter and init_source")
+        return  # its "model" holds only the trainable tensors besides the adapters; lora.load_adapter checks the rest
+    if "quantization" in ckpt:
+        info = ckpt["quantization"]
+        if not isinstance(info, dict) or info.get("mode") not in quantize.MODES or \
+                not isinstance(info.get("group_size"), (int, type(None))) or \
+                not isinstance(info.get("skip", []), (list, tuple)):
+            raise damaged(path, f"quantization={info!r} is not {{mode, group_size, skip}}")
+    wte = state.get("transformer.wte.weight")  # a cheap check before a model of that config is built
+    if wte is None:
+        raise damaged(path, "the token embedding transformer.wte.weight is missing")
+    if tuple(wte.shape) != (gpt_config.padded_vocab_size, gpt_config.n_embd):
+        raise damaged(path, f"transformer.wte.weight has shape {tuple(wte.shape)}, but model_config makes "
+                            f"{(gpt_config.padded_vocab_size, gpt_config.n_embd)}")
+    blocks = {k.split(".")[2] for k in state if k.startswith("transformer.h.")}
+    if blocks != {str(i) for i in range(gpt_config.n_layer)}:
+        raise damaged(path, f"it holds {len(blocks)} blocks, but model_config says n_layer={gpt_config.n_layer}")
+
+
+# the training state a resume reads, and the types it must have
+RESUME_STATE = {"optimizer": dict, "scaler": dict, "rng": dict, "iter_num": int, "best_val_loss": (int, float),
+                "last_eval_iter": int, "elapsed_s": (int, float), "train_config": dict, "init_source": str}
+
+
+def check_resumable(ckpt, path):
+    """A checkpoint a run can continue: the training state of RESUME_STATE, with the random generators' states."""
+    if "quantization" in ckpt:
+        raise ValueError(f"{path} is quantized ({ckpt['quantization']['mode']}): it holds no training state to resume; "
+                         f"resume from the float checkpoint it came from")
+    for key, types in RESUME_STATE.items():
+        if key not in ckpt:
+            raise damaged(path, f"the training state has no {key!r}")
+        if not isinstance(ckpt[key], types) or isinstance(ckpt[key], bool):
+            raise damaged(path, f"{key}={ckpt[key]!r} has the wrong type")
+    rng = ckpt["rng"]
+    if not (torch.is_tensor(rng.get("torch")) and torch.is_tensor(rng.get("batches"))
+            and isinstance(rng.get("cuda", []), (list, tuple))):
+        raise damaged(path, "the random generators' states are missing")
+    if not {"state", "param_groups"} <= set(ckpt["optimizer"]) and set(ckpt["optimizer"]) != {"muon", "adamw"}:
+        raise damaged(path, "the optimizer state is not a state dict")
+
+
+def load_state(model, state, path, strict=True):
+    """model.load_state_dict(state), after checking the names and shapes against the model: a damaged file is one
+    ValueError naming the first tensor that is wrong. strict=False: state may hold a part of the model's tensors."""
+    expected = model.state_dict()
+    for name, t in state.items():
+        if name not in expected:
+            raise damaged(path, f"it has a tensor {name!r} that a model of its model_config lacks")
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise damaged(path, f"{name} has shape {tuple(t.shape)}, but its model_config makes "
+                                f"{tuple(expected[name].shape)}")
+    missing = [name for name in expected if name not in state]
+    if strict and missing:
+        raise damaged(path, f"the tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)"
+                                                                        if len(missing) > 1 else ""))
+    model.load_state_dict(state, strict=strict)
 
 
 def model_config(model):
@@ -163,25 +351,30 @@ def check_resume(ckpt, cfg, path):
                              f"resume with --{key}={was!r}")
 
 
-def restore(ckpt, model, optimizer, scaler, batch_gen, cfg, d=Dist()):
-    """Put a resumed run's optimizer, loss scaler and random generators back as they were; returns its Progress."""
-    distributed.load_optimizer_state(model, optimizer, ckpt["optimizer"], cfg, d)
+def restore(ckpt, model, optimizer, scaler, batch_gen, cfg, d=Dist(), path="checkpoint"):
+    """Put a resumed run's optimizer, loss scaler and random generators back as they were; returns its Progress.
+    A state that does not fit (damaged) is a ValueError, before any step."""
+    check_moments(optimizer, ckpt["optimizer"], path)
+    try:
+        distributed.load_optimizer_state(model, optimizer, ckpt["optimizer"], cfg, d)
+        if ckpt["scaler"]:  # empty when the checkpoint's run did not use float16
+            scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        batch_gen.set_state(ckpt["rng"]["batches"])
+    except (KeyError, TypeError, RuntimeError) as e:  # torch's loaders, given a state of another shape or type
+        raise damaged(path, f"its training state does not load: {type(e).__name__}: {_first_line(e)}")
     if ckpt.get("world_size", 1) != d.world:
         print(f"note: the checkpoint was trained on {ckpt.get('world_size', 1)} rank(s), this run has {d.world}: the "
               f"same batches and schedule, but sums in another order, so not bit-exact")
     for group in optimizer.param_groups:  # the saved groups may come from a run with or without CUDA graphs
         group["lr"] = float(group["lr"])
         group["capturable"] = cfg.cuda_graphs
-    if ckpt["scaler"]:  # empty when the checkpoint's run did not use float16
-        scaler.load_state_dict(ckpt["scaler"])
     scaler.skipped_steps = ckpt.get("skipped_steps", 0)  # absent in checkpoints of earlier versions
-    torch.set_rng_state(ckpt["rng"]["torch"])
     if cfg.device.startswith("cuda") and ckpt["rng"]["cuda"]:
         if d.world == 1:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         else:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0])
-    batch_gen.set_state(ckpt["rng"]["batches"])
     return Progress(ckpt["iter_num"], ckpt["best_val_loss"], ckpt["last_eval_iter"], ckpt["elapsed_s"],
                     **ckpt.get("guard", {}))  # absent in checkpoints of earlier versions
 
@@ -198,11 +391,35 @@ def rewind(ckpt, model, optimizer, scaler, cfg, d=Dist()):
     restore(ckpt, model, optimizer, scaler, torch.Generator(), cfg, d)  # the saved batch state goes to a spare
 
 
-def check_same_shape(ckpt_config, config, path):
+def check_moments(optimizer, state, path):
+    """The saved optimizer state must fit the optimizer: as many parameters, and each moment (AdamW's exp_avg and
+    exp_avg_sq, Muon's momentum) of its parameter's shape. torch's loader checks only the counts, so a damaged
+    moment would fail inside the first step."""
+    if set(state) == {"muon", "adamw"} and hasattr(optimizer, "muon"):
+        check_moments(optimizer.muon, state["muon"], path)
+        check_moments(optimizer.adamw, state["adamw"], path)
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    try:
+        ids = [i for g in state["param_groups"] for i in g["params"]]
+        moments = state["state"]
+    except (KeyError, TypeError):
+        raise damaged(path, "its optimizer state is not a state dict")
+    if len(ids) != len(params):
+        raise ValueError(f"{path} holds optimizer state for {len(ids)} parameters, this run trains {len(params)}: "
+                         f"resume with the settings it was trained with")
+    for i, p in zip(ids, params):
+        for key, t in moments.get(i, {}).items():
+            if key in ("exp_avg", "exp_avg_sq", "momentum_buffer") and tuple(t.shape) != tuple(p.shape):
+                raise damaged(path, f"the optimizer's {key} of parameter {i} has shape {tuple(t.shape)}, the "
+                                    f"parameter {tuple(p.shape)}")
+
+
+def check_same_shape(ckpt_config, config, path, meta_path="the dataset's meta.json"):
     """Resuming: the checkpoint's model must have the shape the config (and the data) ask for."""
     if ckpt_config["vocab_size"] != config.vocab_size:
-        raise ValueError(f"{path} holds a model for {ckpt_config['vocab_size']} tokens but the dataset's meta.json "
-                         f"says {config.vocab_size}: resume on the dataset the checkpoint was trained on")
+        raise ValueError(f"{path} holds a model for {ckpt_config['vocab_size']} tokens but {meta_path} says "
+                         f"vocab_size={config.vocab_size}: resume on the dataset the checkpoint was trained on")
     for key in SHAPE_FIELDS:
         saved = ckpt_config.get(key, getattr(GPTConfig(), key))  # a field newer than the checkpoint: its default
         if saved != getattr(config, key):
@@ -237,32 +454,31 @@ def load_model(ckpt, path="checkpoint", merge=True, **overrides):
         if not info.get("head"):  # written before untied heads were quantized: the head stayed float
             skip += ("lm_head",)
         quantize.quantize_model(model, info["mode"], info["group_size"] or 128, skip)
-        model.load_state_dict(ckpt["model"])
+        load_state(model, ckpt["model"], path)
         return model
     tc = ckpt.get("train_config", {})
     if tc.get("base_dtype", "fp32") != "fp32":  # frozen layers were saved in bf16 / int8: rebuild, load, then float
         freeze(model, tc.get("freeze_layers", 0), tc.get("freeze_embeddings", False))
         memory.lower_frozen_weights(model, tc["base_dtype"])
-        model.load_state_dict(ckpt["model"])
+        load_state(model, ckpt["model"], path)
         return memory.restore_float(model)
-    model.load_state_dict(ckpt["model"])
+    load_state(model, ckpt["model"], path)
     return model
 
 
 def _load_lora_run(ckpt, config, path, merge):
-    source = ckpt["init_source"]
-    behaviour = {k: config.get(k) for k in ("dropout", "attn_impl", "grad_checkpointing", "residual_bf16")}
+    source, c = ckpt["init_source"], GPTConfig(**config)
+    behaviour = {k: getattr(c, k) for k in ("dropout", "attn_impl", "grad_checkpointing", "residual_bf16")}
     try:
-        base = load_source(source, allow_quantized=False, vocab_pad_multiple=config["vocab_pad_multiple"], **behaviour)
-        fit(base, source, block_size=config["block_size"], vocab_size=config["vocab_size"],
-            n_classes=config["n_classes"], cls_pool=config["cls_pool"])
+        base = load_source(source, allow_quantized=False, vocab_pad_multiple=c.vocab_pad_multiple, **behaviour)
+        fit(base, source, block_size=c.block_size, vocab_size=c.vocab_size, n_classes=c.n_classes, cls_pool=c.cls_pool)
     except ValueError as e:
         raise ValueError(f"{path} holds LoRA adapters for the base {source}, which cannot be loaded: {e}")
-    lora.load_adapter(base, ckpt["adapter"])
-    missing = set(ckpt["model"]) - set(base.state_dict())
-    if missing:
-        raise ValueError(f"{path} has tensors the base lacks: {sorted(missing)[:3]}")
-    base.load_state_dict(ckpt["model"], strict=False)  # the trainable non-adapter tensors (e.g. the head)
+    try:
+        lora.load_adapter(base, ckpt["adapter"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}")
+    load_state(base, ckpt["model"], path, strict=False)  # the trainable non-adapter tensors (e.g. the head)
     if merge:
         lora.merge_lora(base)
     return base

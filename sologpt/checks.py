@@ -3,6 +3,7 @@ the run with one line that names it and says what to do. The generic rules live 
 its own values (check(cfg)). Also fills in the derived values: the "auto" device, dtype, compile and cuda_graphs,
 and lr_decay_iters."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -33,9 +34,11 @@ def resolve(cfg):
             raise UserError(f"{key}={getattr(cfg, key)} must not be negative")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: pick values where it is")
+    for field in dataclasses.fields(cfg):  # a config built in code skips the parser's check: NaN passes every range
+        value = getattr(cfg, field.name)  # check below, and no setting means anything at infinity
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{field.name}={value} must be a finite number")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
-        if not math.isfinite(getattr(cfg, key)):
-            raise UserError(f"{key}={getattr(cfg, key)} must be a finite number")
         if getattr(cfg, key) < 0:
             raise UserError(f"{key}={getattr(cfg, key)} must not be negative")
     for key in ("beta1", "beta2"):

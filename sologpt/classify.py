@@ -70,7 +70,11 @@ def load_split(data_dir, split, meta):
     for p in paths:
         if not p.is_file():
             raise ClassifyError(f"{p} is missing: {hint}")
-    tokens = np.memmap(paths[0], dtype=np.dtype(meta["dtype"]), mode="r")
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    for p, itemsize in zip(paths, (dtype.itemsize, 8, 8)):
+        if p.stat().st_size == 0 or p.stat().st_size % itemsize:
+            raise ClassifyError(f"{p} is empty or not a whole number of {itemsize}-byte values (truncated?): {hint}")
+    tokens = np.memmap(paths[0], dtype=dtype, mode="r")
     offsets = np.fromfile(paths[1], dtype=np.int64)
     labels = np.fromfile(paths[2], dtype=np.int64)
     n = len(labels)

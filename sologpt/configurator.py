@@ -5,14 +5,17 @@
 A config file is plain Python that only assigns names; it runs in its own namespace (runpy), never in
 the script's globals. Config files are trusted code: run only files you would run as a script.
 Every public name a file assigns, and every flag, must be a field of the dataclass, and its value must
-have the field's type (an int may stand for a float; a bool is never an int). Mistakes raise UserError
-with one line that says what is wrong and how to fix it.
+have the field's type (an int may stand for a float; a bool is never an int), and a float must be finite. Mistakes
+raise UserError with one line that says what is wrong and how to fix it. The scripts that take argparse flags instead
+(prepare/, tools/quantize.py, bench/) use ArgumentParser below, which keeps the same one-line convention.
 """
 
+import argparse
 import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import runpy
 import sys
 import types
@@ -40,6 +43,8 @@ def load_config(cls, argv):
             value = _parse(text)
             if key in hints and str in _allowed(hints[key]) and type(value) not in _allowed(hints[key]):
                 value = text  # --start=1 for a str field means the string "1"
+            elif key in hints and float in _allowed(hints[key]) and text.strip().lower() in NON_FINITE:
+                value = float(text)  # --min_lr=nan is a float (which check_type then refuses), not the string "nan"
             _set(cfg, hints, key, value, f"flag {arg!r}")
         else:
             path = Path(arg)
@@ -58,12 +63,16 @@ def load_config(cls, argv):
 
 def run_cli(fn, cls, argv=None):
     """A script's main(): fn(load_config(cls, argv)), argv defaulting to the command line; a UserError prints
-    one line, "error: ...", and exits with status 1."""
+    one line, "error: ...", and exits with status 1; Ctrl-C that reaches it (train.py's second one) one line and
+    status 130, as a shell reports an interrupted command."""
     try:
         return fn(load_config(cls, sys.argv[1:] if argv is None else argv))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as e:
+        print(f"error: {e or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        sys.exit(130)
 
 
 def help_text(cls):
@@ -74,6 +83,9 @@ def help_text(cls):
             if line.strip() and not line.strip().startswith(('"""', "@", "class "))]
     usage = "every field below can be set in a config file or as --key=value (files first, then flags, in order)"
     return "\n".join([f"{cls.__name__}: {usage}", *("  " + line for line in body)])
+
+
+NON_FINITE = ("nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity")
 
 
 def _parse(text):
@@ -98,8 +110,11 @@ def check_type(key, value, typ, where="config"):
     for t in allowed:
         if t is type(None) and value is None:
             return None
-        if t is float and type(value) is int:
-            return float(value)
+        if t is float and type(value) in (int, float):  # an int may stand for a float
+            number = float(value) if abs(value) <= sys.float_info.max else math.inf  # (an int beyond its range)
+            if not math.isfinite(number):  # no setting means anything at infinity; NaN passes every range check
+                raise UserError(f"{key}={value!r} in {where} must be a finite number")
+            return number
         if t is not type(None) and type(value) is t:
             return value
     names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
@@ -111,6 +126,15 @@ def _allowed(typ):
     """The types a field accepts: (int,) for int, (int, str) for int | str."""
     union = isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union
     return typing.get_args(typ) if union else (typ,)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts that take --flag VALUE arguments, with the one-line convention: a bad argument prints
+    "error: <argparse's message> (see PROG --help)" and exits with status 1, instead of the usage text and status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(1)
 
 
 def print_config(cfg, title):

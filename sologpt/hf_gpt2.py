@@ -94,7 +94,15 @@ def _read_hf_config(path):
     f = path / "config.json"
     if not f.is_file():
         raise ValueError(f"{f} is missing: point init_from at a Hugging Face GPT-2 directory (config.json + weights)")
-    cfg = json.loads(f.read_text())
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is not valid JSON ({e}): download or export the directory again")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{f} is not a JSON object: download or export the directory again")
+    for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if type(cfg.get(key)) is not int or cfg[key] < 1:
+            raise ValueError(f"{f}: {key}={cfg.get(key)!r} is not a positive integer: download or export it again")
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{f} describes a {cfg.get('model_type')!r} model; only GPT-2 directories load here")
     if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -115,7 +123,16 @@ def _read_hf_weights(path):
             from safetensors.torch import load_file
         except ImportError:
             raise ValueError(f"{path}/model.safetensors needs the safetensors package: pip install safetensors")
-        return load_file(path / "model.safetensors")
+        try:
+            return load_file(path / "model.safetensors")
+        except Exception as e:  # safetensors' own error type for a truncated or foreign file
+            raise ValueError(f"{path}/model.safetensors cannot be read ({type(e).__name__}: {str(e)[:100]}): "
+                             f"download or export it again")
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses pickled code; a damaged file fails too
+            raise ValueError(f"{path}/pytorch_model.bin cannot be read as tensors only ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:100]}): it is damaged, or holds pickled code, which "
+                             f"is never run; use model.safetensors or download it again")
     raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")

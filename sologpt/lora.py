@@ -241,6 +241,13 @@ def load_adapter(model, adapter_ckpt, strict=False):
     if adapter_ckpt.get("version") != VERSION:
         raise ValueError(f"adapter file version {adapter_ckpt.get('version')!r} is not supported: "
                          f"this code reads version {VERSION}")
+    settings, base, tensors = (adapter_ckpt.get(k) for k in ("lora", "base", "adapter"))
+    if not (isinstance(settings, dict) and {"rank", "alpha", "dropout", "targets"} <= set(settings)
+            and isinstance(settings["targets"], (str, list, tuple)) and isinstance(base, dict)
+            and isinstance(base.get("model_config"), dict) and isinstance(base.get("fingerprint", {}), dict)
+            and isinstance(tensors, dict) and all(torch.is_tensor(t) for t in tensors.values())):
+        raise ValueError("the adapter is damaged (its settings, base description or tensors are missing or of the "
+                         "wrong type): save it again")
     default = dataclasses.asdict(GPTConfig())  # a field the file predates had its default value
     saved = {**default, **adapter_ckpt["base"]["model_config"]}
     have = dataclasses.asdict(model.config)
@@ -250,9 +257,10 @@ def load_adapter(model, adapter_ckpt, strict=False):
 
     # tensors only one side has (e.g. the scale of an int8 layer) cannot be compared and are skipped
     ours = base_fingerprint(model)
-    for name, values in adapter_ckpt["base"]["fingerprint"].items():
+    for name, values in adapter_ckpt["base"].get("fingerprint", {}).items():
         # rtol 1e-2: the same base cast to bf16 (8 bits of mantissa) still matches; another base does not
-        if name in ours and not torch.allclose(values, ours[name], rtol=1e-2, atol=1e-6):
+        if name in ours and (not torch.is_tensor(values) or values.shape != ours[name].shape
+                             or not torch.allclose(values, ours[name], rtol=1e-2, atol=1e-6)):
             msg = f"base weights differ from those the adapter was trained on (first at {name}): outputs may be off"
             if strict:
                 raise ValueError(msg)

@@ -115,8 +115,12 @@ class Monitor:
         if not self.d.main:
             return
         record = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}  # JSON
-        with open(self.run.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.run.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot append to {self.run.metrics}: {e.strerror or e}: free disk space or check that "
+                            f"the folder is writable; {self.run.ckpt} was not overwritten")
         if self.board is not None:
             self.board.scalars(kind, iter_num, record)
 

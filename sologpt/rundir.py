@@ -1,14 +1,22 @@
 """A run's folder and its life: out_dir/ckpt.pt (saved at evaluations), last.pt (an interrupt's resume point when
-ckpt.pt must stay the best model), config.json, meta.json and metrics.jsonl; which checkpoint a resume reads; and
-the Ctrl-C / SIGTERM handling that lets the current step finish and saves before exiting."""
+ckpt.pt must stay the best model), config.json, meta.json and metrics.jsonl; which checkpoint a resume reads; the
+lock that keeps a second run out of a folder a live run writes (train.lock); and the Ctrl-C / SIGTERM handling that
+lets the current step finish and saves before exiting. A write that fails (a full disk, a read-only folder) stops the
+run with one line and leaves the previous checkpoint as it was."""
 
 import dataclasses
+import fcntl
 import json
+import os
 import signal
+import socket
 from pathlib import Path
 
 from sologpt import checkpoint
 from sologpt.configurator import UserError
+
+
+FILES = ("ckpt.pt", "last.pt", "config.json", "meta.json", "metrics.jsonl")  # what a run writes in out_dir
 
 
 class RunDir:
@@ -19,6 +27,11 @@ class RunDir:
         # with always_save_checkpoint=False ckpt.pt must stay the best model, so an interrupt saves here
         self.last = self.path / "last.pt"
         self.metrics = self.path / "metrics.jsonl"
+        self.lock = OutDirLock(self.path / "train.lock")
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"out_dir {self.path} is a file, not a folder: choose another --out_dir")
+        if main:
+            self.lock.check()  # a live run writes here: refuse before any work
         if cfg.init_from != "resume" and self.ckpt.exists() and not cfg.overwrite:
             raise UserError(f"{self.ckpt} already exists: continue it with --init_from=resume, choose another "
                             f"--out_dir, or pass --overwrite=True to replace it")
@@ -34,6 +47,7 @@ class RunDir:
         path = self.last if self.last.exists() else self.ckpt
         try:
             ckpt = checkpoint.read(path)
+            checkpoint.check_resumable(ckpt, path)
             checkpoint.check_resume(ckpt, cfg, path)
         except ValueError as e:
             raise UserError(str(e))
@@ -43,40 +57,150 @@ class RunDir:
         return ckpt, path
 
     def start(self, cfg, meta, iter_num):
-        """Write config.json and meta.json (sample.py finds the tokenizer beside the checkpoint), and cut from
-        metrics.jsonl the evaluations a resumed run will make again."""
+        """Take the folder's lock, then write config.json and meta.json (sample.py finds the tokenizer beside the
+        checkpoint), and cut from metrics.jsonl the evaluations a resumed run will make again."""
         if not self.main:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(self.path / "config.json", dataclasses.asdict(cfg))
-        checkpoint.write_json(self.path / "meta.json", meta)
-        kept = []
-        if cfg.init_from == "resume" and self.metrics.exists():
-            kept = [line for line in self.metrics.read_text().splitlines() if json.loads(line)["iter"] <= iter_num]
-        self.metrics.write_text("".join(line + "\n" for line in kept))
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            for name in FILES:  # temp files of a run that was killed mid-write
+                checkpoint.remove_stale_temps(self.path / name)
+            checkpoint.write_json(self.path / "config.json", dataclasses.asdict(cfg))
+            checkpoint.write_json(self.path / "meta.json", meta)
+            kept = []
+            if cfg.init_from == "resume" and self.metrics.exists():
+                kept = metrics_until(self.metrics, iter_num)
+            checkpoint.write_text(self.metrics, "".join(line + "\n" for line in kept))
+        except OSError as e:
+            self.close()
+            raise UserError(f"cannot write in out_dir {self.path}: {write_problem(e)}")
+        except BaseException:
+            self.close()
+            raise
 
     def save(self, state, best=True):
-        """ckpt.pt, or last.pt for a resume point that is not the best model; ckpt.pt supersedes last.pt."""
+        """ckpt.pt, or last.pt for a resume point that is not the best model; ckpt.pt supersedes last.pt. A failed
+        write stops the run with one line; the file it would have replaced is unchanged."""
         path = self.ckpt if best else self.last
         if self.main:
-            checkpoint.save(path, state)
-            if best:
-                self.last.unlink(missing_ok=True)
+            try:
+                checkpoint.save(path, state)
+                if best:
+                    self.last.unlink(missing_ok=True)
+            except OSError as e:
+                kept = (f"the previous {path} is unchanged: continue from it with --init_from=resume"
+                        if path.exists() else "nothing was saved")
+                raise UserError(f"cannot write {path}: {write_problem(e)}; {kept}")
         return path
 
     def finish(self):
         if self.main:
             self.last.unlink(missing_ok=True)  # the run is complete: a later resume starts from ckpt.pt
+        self.close()
+
+    def close(self):
+        """Give up the folder's lock (at the end of the run, however it ends)."""
+        self.lock.release()
+
+
+def metrics_until(path, iter_num):
+    """metrics.jsonl's lines up to step iter_num. A line a kill cut short mid-write is dropped (with a note)."""
+    kept, damaged = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            damaged += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iter"), int) and record["iter"] <= iter_num:
+            kept.append(line)
+    if damaged:
+        print(f"note: dropped {damaged} damaged line(s) of {path} (a run killed while writing it)")
+    return kept
+
+
+def write_problem(e):
+    """An OSError of a write as the rest of a one-line message: what went wrong and what to do."""
+    reason = e.strerror or str(e)
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{reason}{where}: free disk space, or check that the folder is writable, or choose another --out_dir"
+
+
+class OutDirLock:
+    """out_dir/train.lock: an exclusive flock held by the one run that writes the folder, with its pid and host
+    inside for the message a second run gets. The kernel drops a flock when its process dies (even by SIGKILL), so
+    a lock file left by a killed run is stale: the next run takes it over, with a warning."""
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def holder(self, fd):
+        """The 'pid host' written in the lock file (read through fd), or ''."""
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+
+    def refuse(self, holder):
+        pid, _, host = holder.partition(" ")
+        raise UserError(f"out_dir {self.path.parent} is in use by another run (pid {pid or '?'}"
+                        f"{' on ' + host if host else ''}, which holds {self.path}): wait for it to finish or stop "
+                        f"it, or choose another --out_dir")
+
+    def check(self):
+        """Refuse if a live run holds the lock; change nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # no lock file (or no folder yet): nobody holds it
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.refuse(self.holder(fd))
+        finally:
+            os.close(fd)  # closing drops the flock this check took
+
+    def acquire(self):
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self.holder(fd)
+                os.close(fd)
+                self.refuse(holder)
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                self.fd = fd
+            else:  # the holder removed the file as we opened it: lock the new one
+                os.close(fd)
+        old = self.holder(self.fd)
+        if old and old.split(" ")[0] != str(os.getpid()):
+            print(f"warning: {self.path} was left by pid {old.split(' ')[0]}, which holds it no more (the run was "
+                  f"killed?): taking it over")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+
+    def release(self):
+        if self.fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)  # while still holding it, so nobody takes a file about to vanish
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
 
 
 def read_metrics(path, kind="eval"):
     """The records of one kind ("eval", "step", "rollback", "stop"; None: all) of a metrics.jsonl file or the out_dir
     holding one (sologpt/monitor.py writes them), in the order they were written. Lines without a kind (runs of
-    earlier versions) are evaluations."""
+    earlier versions) are evaluations; a line a kill cut short is left out."""
     path = Path(path)
     path = path / "metrics.jsonl" if path.is_dir() else path
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if kind is None or r.get("kind", "eval") == kind]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if isinstance(r, dict) and (kind is None or r.get("kind", "eval") == kind)]
 
 
 class StopOnSignal:
@@ -102,8 +226,9 @@ class StopOnSignal:
         return self
 
     def on_signal(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
+        if self.signal is not None:  # a half-written checkpoint is deleted on the way out: the last one stays
+            raise KeyboardInterrupt(f"a second {signal.Signals(signum).name} stopped the run at once, without saving; "
+                                    f"the last checkpoint saved is unchanged: continue it with --init_from=resume")
         self.signal = signum
 
     def __exit__(self, *exc):

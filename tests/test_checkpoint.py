@@ -76,6 +76,43 @@ def test_json_files_are_written_atomically(tmp_path, monkeypatch):
     assert path.read_text() == '{\n  "a": 1\n}\n' and list(tmp_path.iterdir()) == [path]  # no temp file left
 
 
+def test_a_save_syncs_the_file_then_the_folder(tmp_path, monkeypatch):
+    """The data reaches the disk before the rename publishes it, and the folder after it (the rename itself is only
+    durable then); prepare/ does the same for the token files and meta.json."""
+    import os
+    import stat
+    from prepare import shakespeare_char
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    checkpoint.save(tmp_path / "ckpt.pt", {"x": torch.ones(2)})
+    assert synced == ["file", "folder"]
+    synced.clear()
+    (tmp_path / "in.txt").write_text("to be or not to be\n" * 50)
+    shakespeare_char.write_dataset(tmp_path / "in.txt", tmp_path / "data")
+    assert synced == ["file", "file", "file", "folder"]  # train.bin, val.bin, meta.json, then the folder
+
+
+def test_a_pickle_that_asks_for_code_is_refused_as_unsafe(tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    torch.save({"format_version": CKPT_FORMAT_VERSION, "model": Evil()}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"was refused as unsafe: it asks to import posix.system"):
+        read_checkpoint(tmp_path / "ckpt.pt")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a whole module, not its state dict
+    with pytest.raises(ValueError, match=r"refused as unsafe: it asks to import torch.nn.modules.linear.Linear"):
+        read_checkpoint(tmp_path / "module.pt")
+    assert not (tmp_path / "ran").exists()
+
+
 # ---- checkpoints written before the library moved into sologpt/ ---------------------------------------------------
 
 # format 1 as the pre-redesign main wrote it (checked against real files of that version): its top-level keys, the

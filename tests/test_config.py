@@ -54,6 +54,23 @@ def test_flag_errors(argv, message):
         load_config(Cfg, argv)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999", "NaN", "Infinity", "9" * 400])
+def test_a_float_must_be_finite_on_the_command_line(value):
+    with pytest.raises(UserError, match=r"lr=.* in flag '--lr=.*' must be a finite number"):
+        load_config(Cfg, [f"--lr={value}"])
+    assert load_config(Cfg, ["--name=nan"]).name == "nan"  # a str field keeps the text
+
+
+def test_a_float_must_be_finite_in_a_file_and_in_code(tmp_path):
+    with pytest.raises(UserError, match="lr=nan in config file .* must be a finite number"):
+        load_config(Cfg, [write(tmp_path, "lr = float('nan')\n")])
+    import train
+    from sologpt import checks
+    for key in ("distill_temperature", "lora_alpha", "min_lr"):  # a config built in code skips the parser
+        with pytest.raises(UserError, match=f"{key}=nan must be a finite number"):
+            checks.resolve(train.TrainConfig(device="cpu", **{key: float("nan")}))
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(UserError, match="did you mean 'steps'"):
         load_config(Cfg, [write(tmp_path, "step = 3\n")])

@@ -187,6 +187,38 @@ def test_near_duplicates(unit):
     assert abs((sig(a) == sig(edited)).mean() - len(sa & sb) / len(sa | sb)) < 0.1
 
 
+@pytest.mark.parametrize("threshold, differ, duplicate", [
+    (0.8, 25, True), (0.8, 26, False),  # 103/128 = 0.805 >= 0.8; 102/128 = 0.797 just below
+    (0.5, 64, True), (0.5, 65, False),  # 64/128 = 0.5 exactly counts (>=); one position less does not
+    (0.9, 12, True), (0.9, 13, False)])
+def test_near_duplicate_threshold_is_where_the_line_is(threshold, differ, duplicate):
+    """A pair that shares whole LSH bands (so it is compared) is a duplicate from the threshold up and never below:
+    signatures that differ in their last `differ` of 128 positions have estimated similarity 1 - differ / 128."""
+    a = np.random.default_rng(0).integers(0, 2**32 - 1, size=128, dtype=np.uint32)
+    b = a.copy()
+    b[128 - differ:] += 1
+    near = NearDuplicates(threshold, 128)
+    assert not near.is_duplicate(a)
+    assert near.is_duplicate(b) is duplicate
+    assert near.count == (1 if duplicate else 2)
+
+
+def test_the_near_dedup_flag_sets_the_threshold(tmp_path):
+    """Two documents of about 0.6 estimated similarity: removed at --near_dedup 0.4, kept at 0.8 (the near-copy and
+    unrelated pair of test_dedup_through_the_script would pass a script that ignored the flag)."""
+    words = " ".join(paragraphs(6)).split()[:150]
+    other = list(words)
+    for i in range(0, 150, 20):  # change one word in 20: about 3 in 4 five-word shingles survive
+        other[i] = other[i] + "x"
+    a, b = " ".join(words), " ".join(other)
+    sa, sb = (set(word_shingles(WORD.findall(t)).tolist()) for t in (a, b))
+    assert 0.5 < len(sa & sb) / len(sa | sb) < 0.7
+    corpus = write_jsonl(tmp_path / "d.jsonl", [a, b] + paragraphs(4, start=30))
+    removed = [prepare(tmp_path, corpus, name=f"t{t}", flags=["--near_dedup", str(t)])[0]["report"]["removed"]
+               ["near_duplicate"] for t in (0.4, 0.8)]
+    assert removed == [1, 0]
+
+
 def test_dedup_through_the_script(tmp_path):
     docs = paragraphs(30)
     a = docs[0] + " " + docs[1]

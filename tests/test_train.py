@@ -1,6 +1,7 @@
 """train.py on tiny CPU runs: batches, learning rate, learning, gradient accumulation, exact resume,
 interrupts, atomic checkpoints, and the one-line errors for bad input."""
 
+import contextlib
 import json
 import math
 import os
@@ -64,6 +65,7 @@ def test_batch_windows_are_shifted_by_one():
 def test_lr_warmup_then_cosine_to_min():
     cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
     lrs = [get_lr(i, cfg) for i in range(130)]
+    assert lrs[0] == pytest.approx(1.0 / 11)  # the first step already learns: warmup does not start at 0
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # rises during warmup
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55)  # halfway down the cosine
@@ -103,6 +105,51 @@ def test_gradient_accumulation_matches_bigger_batch(tiny_flags, tmp_path):
     assert any(not torch.allclose(a[k], c[k]) for k in a)  # half the batch without accumulation differs
 
 
+def tiny_step_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=10))
+
+
+def test_train_step_gives_the_mean_loss_and_gradient_of_its_micro_batches():
+    """Two micro-batches of 4 are one batch of 8: the same loss and the same gradients. Without the division by the
+    number of micro-batches both would double; Adam and clipping hide that from the weights, not from this."""
+    model = tiny_step_model()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 10, (8, 8), generator=g), torch.randint(0, 10, (8, 8), generator=g)
+    _, whole = model(x, y)
+    whole.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    seen = {}
+
+    class Capture(torch.optim.SGD):  # the gradients the optimizer is given
+        def step(self, closure=None):
+            seen.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    loss = train_mod.train_step(model, Capture(model.parameters(), lr=0.1), hardware.LossScaler("cpu", enabled=False),
+                                [(x[:4], y[:4], {}), (x[4:], y[4:], {})], contextlib.nullcontext(), grad_clip=0.0)
+    assert loss.item() == pytest.approx(whole.item(), rel=1e-6)
+    for n in want:
+        torch.testing.assert_close(seen[n], want[n], rtol=1e-5, atol=1e-7)
+
+
+def test_float16_loss_scaling_clips_the_true_gradients():
+    """With the float16 loss scaler (2^16) the clip must act on the unscaled gradients: the step is then the same as
+    without scaling. Clipping the scaled ones and unscaling after would make every step 65536 times too small."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 10, (4, 8), generator=g), torch.randint(0, 10, (4, 8), generator=g)
+    steps = []
+    for scaled in (False, True):
+        model = tiny_step_model()
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler = hardware.LossScaler("cpu", enabled=scaled)
+        train_mod.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), scaler, [(x, y, {})],
+                             contextlib.nullcontext(), grad_clip=0.01)
+        steps.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]))
+    assert steps[0].norm().item() == pytest.approx(0.01, rel=1e-3)  # clipped: the true norm is far above 0.01
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-8)
+
+
 def test_exact_resume_is_bit_for_bit(tiny_flags, tmp_path):
     # dropout on, so the resumed run also needs the saved RNG state to draw the same masks
     common = tiny_flags + ["--dropout=0.1", "--eval_interval=2", "--lr_decay_iters=10"]
@@ -128,6 +175,7 @@ def test_signal_mid_run_saves_and_resumes_exactly(tiny_flags, tmp_path, monkeypa
             os.kill(os.getpid(), signal.SIGINT)
         return real_get_lr(it, cfg)
 
+    handler = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     monkeypatch.setattr(train_mod, "get_lr", get_lr_then_interrupt)
     with pytest.raises(SystemExit) as exc:
         run(common + [f"--out_dir={tmp_path / 'split'}"])
@@ -135,7 +183,7 @@ def test_signal_mid_run_saves_and_resumes_exactly(tiny_flags, tmp_path, monkeypa
     assert "--init_from=resume" in capsys.readouterr().out
     assert read_checkpoint(tmp_path / "split" / "ckpt.pt")["iter_num"] == 6  # the step finished, then saved
     monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler  # handlers restored
 
     run(common + [f"--out_dir={tmp_path / 'split'}", "--init_from=resume"])
     full, split = metrics(tmp_path / "full"), metrics(tmp_path / "split")
@@ -185,7 +233,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="No space left"):
         checkpoint.save(path, {"format_version": 1, "x": torch.zeros(3)})
     monkeypatch.undo()
-    assert torch.equal(read_checkpoint(path)["x"], torch.ones(3))
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 

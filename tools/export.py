@@ -42,13 +42,16 @@ def export(cfg):
     if cfg.merged_ckpt:
         if Path(cfg.merged_ckpt).resolve() == path.resolve():
             raise UserError(f"--merged_ckpt={cfg.merged_ckpt} is the input checkpoint: pick another file")
-        checkpoint.save(cfg.merged_ckpt, {
-            "format_version": checkpoint.FORMAT_VERSION, "model_config": checkpoint.model_config(model),
-            "model": model.state_dict(),
-            # the weights are all float now, whatever the run kept its frozen layers in
-            "init_source": "scratch", "train_config": {**ckpt["train_config"], "base_dtype": "fp32"},
-            "iter_num": ckpt["iter_num"],
-            "best_val_loss": ckpt["best_val_loss"]})
+        try:
+            checkpoint.save(cfg.merged_ckpt, {
+                "format_version": checkpoint.FORMAT_VERSION, "model_config": checkpoint.model_config(model),
+                "model": model.state_dict(),
+                # the weights are all float now, whatever the run kept its frozen layers in
+                "init_source": "scratch", "train_config": {**ckpt.get("train_config", {}), "base_dtype": "fp32"},
+                "iter_num": ckpt.get("iter_num", 0),
+                "best_val_loss": ckpt.get("best_val_loss", float("inf"))})
+        except OSError as e:  # the file it would replace is unchanged (checkpoint.save is atomic)
+            raise UserError(f"cannot write {cfg.merged_ckpt}: {e.strerror or e}: free disk space or pick another path")
         print(f"wrote {cfg.merged_ckpt} (sologpt checkpoint, full weights)")
 
 

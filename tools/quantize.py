@@ -7,18 +7,12 @@ Any float checkpoint kind: a LoRA run's adapters are merged into their base firs
 sample.py, tools/score.py and train.py's teacher read the result.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 from sologpt import checkpoint
-from sologpt.configurator import UserError
+from sologpt.configurator import ArgumentParser, UserError
 from sologpt.quantize import MODES, state_dict_bytes
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and exit 2; keep the one-line error convention
-        raise UserError(f"{message} (see python -m tools.quantize --help)")
 
 
 def mb(n):
@@ -26,7 +20,7 @@ def mb(n):
 
 
 def run(argv):
-    parser = _Parser(description="Quantize the Linear weights of a sologpt checkpoint to int8 or int4.")
+    parser = ArgumentParser(prog="python -m tools.quantize", description="Quantize the Linear weights of a sologpt checkpoint to int8 or int4.")
     parser.add_argument("--ckpt", required=True, help="float checkpoint written by train.py, e.g. out/ckpt.pt")
     parser.add_argument("--mode", required=True, choices=MODES)
     parser.add_argument("--group_size", type=int, default=128,
@@ -49,7 +43,10 @@ def run(argv):
         qckpt = checkpoint.quantized(ckpt, args.mode, args.group_size, ("lm_head",) if args.keep_head else ())
     except ValueError as e:
         raise UserError(str(e))
-    checkpoint.save(dst, qckpt)
+    try:
+        checkpoint.save(dst, qckpt)
+    except OSError as e:  # the file it would replace is unchanged (checkpoint.save is atomic)
+        raise UserError(f"cannot write {dst}: {e.strerror or e}: free disk space or pick another --out")
     before, after = src.stat().st_size, dst.stat().st_size
     print(f"{src}: {mb(before)} -> {dst}: {mb(after)} ({after / before:.2f}x, optimizer state dropped)")
     if not ckpt["model"] or "adapter" in ckpt:  # a LoRA run's checkpoint holds adapters: measure the merged model
