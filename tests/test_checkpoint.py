@@ -105,8 +105,9 @@ def as_v1(ckpt):
 
 def test_checkpoints_keep_format_1(trained):
     ckpt = read_checkpoint(trained / "ckpt.pt")
-    # one key added since, which readers of format 1 ignore: the number of ranks that trained it (torchrun)
-    assert set(ckpt) == V1_KEYS | {"world_size"} and set(ckpt["model_config"]) == V1_MODEL_CONFIG
+    # keys added since, which readers of format 1 ignore: the number of ranks that trained it (torchrun) and the
+    # step of the best val loss
+    assert set(ckpt) == V1_KEYS | {"world_size", "best_iter"} and set(ckpt["model_config"]) == V1_MODEL_CONFIG
     assert set(ckpt["train_config"]) >= set(V1_TRAIN_FIELDS)
 
 
