@@ -73,8 +73,7 @@ def save(meta, path, block_size):
         tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
                      "pre_tokenizer": None, "post_processor": None, "decoder": {"type": "Fuse"},
                      "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                               "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                               "ignore_merges": False, "vocab": vocab, "merges": []}}
+                               "end_of_word_suffix": None, "fuse_unk": False, "vocab": vocab, "merges": []}}
         _write_json(path / "tokenizer.json", tokenizer)
         _write_json(path / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **common})
         return f"tokenizer.json ({len(vocab)} characters; characters outside them are dropped, not refused)"
