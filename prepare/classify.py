@@ -110,7 +110,8 @@ def read_like(path):
     path = Path(path)
     meta = path / "meta.json" if path.is_dir() else path
     if not meta.is_file():
-        raise PrepareError(f"--tokenizer_from {path} has no meta.json: give a prepared dataset's folder or a run folder")
+        raise PrepareError(f"--tokenizer_from {path} has no meta.json: give a prepared dataset's folder or a run "
+                           f"folder")
     try:
         return tokenizer.load_meta(meta)
     except tokenizer.TokenizerError as e:

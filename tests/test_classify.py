@@ -172,7 +172,8 @@ def test_labelled_rows_in_the_tokenizer_of_a_pretrained_run(polarity, trained, c
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stderr.startswith("warning: ") and "characters the tokenizer of" in res.stderr
-    meta, tiny = (json.loads(p.read_text()) for p in (tmp_path / "pol_like" / "meta.json", char_data / "tiny" / "meta.json"))
+    meta, tiny = (json.loads(p.read_text()) for p in (tmp_path / "pol_like" / "meta.json",
+                                                       char_data / "tiny" / "meta.json"))
     assert meta["chars"] == tiny["chars"] and meta["task"] == "classify"
     tokens, offsets, _ = classify.load_split(tmp_path / "pol_like", "train", meta)
     assert tokens[offsets[1] - 1] == tiny["chars"].index("\n")  # the end marker

@@ -52,8 +52,8 @@ def test_merged_checkpoint_of_a_low_precision_base_run_loads(tiny_flags, tmp_pat
 # ---- the tokenizer files ---------------------------------------------------------------------------------------
 
 TEXTS = ["hello world", "ROMEO:\nWhat, ho! Apothecary!\n\n", "  two spaces,\tthree   spaces\n\n\n  ", "trailing  ",
-         "café naïve 日本語 😀 — “quotes”", "it's I'M we'll they've", "a<|endoftext|>b", "<|endoftext|>", "3.14159 12,345",
-         "\r\nwindows\r\n", "x" * 300]
+         "café naïve 日本語 😀 — “quotes”", "it's I'M we'll they've", "a<|endoftext|>b", "<|endoftext|>",
+         "3.14159 12,345", "\r\nwindows\r\n", "x" * 300]
 
 
 def round_trip(hf_dir, enc, texts):

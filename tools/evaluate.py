@@ -40,7 +40,7 @@ from tools.score import encode, read_text, score_text, scored_chars
 class EvaluateConfig:
     out_dir: str = "out"  # the model: a run folder, a checkpoint file or a Hugging Face GPT-2 directory
     ckpt: str = ""  # another checkpoint (e.g. out/best.pt); "": out_dir's
-    input: str = ""  # files to evaluate on instead of a dataset: text (language model), .jsonl / .csv / .txt (classifier)
+    input: str = ""  # files instead of a dataset: text (language model), .jsonl / .csv / .txt rows (classifier)
     dataset: str = ""  # a prepared dataset under data_root (or its folder); "" (and no input): the run's own dataset
     data_root: str = "data"
     split: str = "val"  # the dataset's split: "val" or "train"
