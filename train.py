@@ -21,6 +21,7 @@ import torch
 from sologpt import batches, build, checks, checkpoint, distributed, hardware, memory
 from sologpt.configurator import UserError, print_config, run_cli
 from sologpt.cuda_graph import GraphedStep
+from sologpt.guard import Guard
 from sologpt.lean_optim import LeanAdamW
 from sologpt.monitor import Monitor
 from sologpt.muon import MuonWithAdamW
@@ -103,7 +104,16 @@ class TrainConfig:
     eval_iters: int = 50  # batches per split in one evaluation
     log_interval: int = 10  # steps between log lines (each one waits for the GPU once)
     progress: bool = True  # tqdm progress bar (drawn only when the output is a terminal)
-    sample_tokens: int = 200  # length of the sample printed at the end; 0 prints none
+    sample_tokens: int = 200  # length of the sample printed at the end (and shown in TensorBoard); 0: none
+    plot: bool = False  # keep out_dir/loss.png current at each evaluation (matplotlib; sologpt/plots.py)
+    tensorboard: bool = False  # TensorBoard events in out_dir: every metric, a sample at each evaluation
+    # ---- the guard (sologpt/guard.py): early stopping and the spike guard; off by default
+    patience: int = 0  # > 0: end the run after this many evaluations in a row without a new best val loss
+    spike_guard: bool = False  # a loss spike or NaN rolls back to the last good state and skips its batches
+    spike_factor: float = 3.0  # a spike is a logged loss above spike_factor x the running mean of earlier ones
+    spike_max_rollbacks: int = 3  # rollbacks in a row the guard makes; the next spike stops the run
+    spike_lr_factor: float = 1.0  # each rollback multiplies the learning rate by this (1: unchanged)
+    spike_rollback: str = "memory"  # the good state: "memory" (a host copy at each evaluation) or "disk" (ckpt file)
     # ---- system
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or e.g. "cuda:1"
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it, else float16 with loss scaling; float32 on CPU
@@ -222,14 +232,18 @@ def train(cfg):
     print_config(cfg, "config (resolved)")
     run.start(cfg, data.meta, progress.iter_num)
     t_start = t0 - progress.elapsed_s  # time_s in metrics.jsonl continues across resumes
-    monitor = Monitor(cfg, model, scaler, metrics_path=run.metrics, ckpt_path=run.ckpt, iter_num=progress.iter_num,
-                      t_start=t_start, d=d)
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters (position embeddings not counted); "
-          f"{monitor.tokens_per_step:,} tokens per step on {cfg.device} in {cfg.dtype}")
 
     def state():  # what a resumed run needs to continue exactly
         return checkpoint.training_state(model, optimizer, scaler, source.generator, progress, cfg, init_source,
                                          t_start, d)
+
+    # early stopping and the spike guard, which rolls a run back in place (off: a NaN loss stops the run)
+    guard = Guard(cfg, progress, run, state, functools.partial(checkpoint.rewind, model=model, optimizer=optimizer,
+                                                               scaler=scaler, cfg=cfg, d=d))
+    monitor = Monitor(cfg, model, scaler, run, guard, iter_num=progress.iter_num, t_start=t_start, d=d,
+                      sample=functools.partial(sample_text, model, data, cfg, ctx))  # logs, metrics, plots
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters (position embeddings not counted); "
+          f"{monitor.tokens_per_step:,} tokens per step on {cfg.device} in {cfg.dtype}")
 
     it = progress.iter_num
     try:
@@ -242,14 +256,15 @@ def train(cfg):
                     if improved:
                         progress.best_val_loss, progress.best_iter = metrics["val_loss"], it
                     progress.last_eval_iter = it
-                    monitor.evaluation(it, metrics, improved, lr=get_lr(max(it - 1, 0), cfg))  # the last step's lr
+                    monitor.evaluation(it, metrics, improved, lr=get_lr(max(it - 1, 0), cfg) * progress.lr_scale)
                     if improved or cfg.always_save_checkpoint:
                         run.save(state(), improved)  # ckpt.pt; best.pt too when improved
-                if it >= cfg.max_iters:
+                    monitor.restart()  # the evaluation and the save are not step time
+                if it >= cfg.max_iters or guard.stop:  # guard.stop: early stopping's reason, else ""
                     break
 
                 # ---- one optimizer step on this step's micro-batches
-                lr = get_lr(it, cfg)
+                lr = get_lr(it, cfg) * progress.lr_scale  # lr_scale: 1 unless the spike guard lowered it
                 set_lr(optimizer, lr)
                 loss = step(source(it))
                 it += 1
@@ -260,9 +275,11 @@ def train(cfg):
                     monitor.report(it, lr)
                     path = run.save(state(), last=not cfg.always_save_checkpoint)
                     args = [a for a in sys.argv if not a.startswith("--init_from=")]
-                    monitor.log(f"{signal.Signals(stop.signal).name}: saved {path} at step {it}. Resume with:\n"
-                                f"  {distributed.resume_command(d, args)} --init_from=resume")
+                    name = signal.Signals(stop.signal).name
+                    monitor.end(it, name, f"{name}: saved {path} at step {it}. Resume with:\n"
+                                          f"  {distributed.resume_command(d, args)} --init_from=resume")
                     raise SystemExit(128 + stop.signal)
+        monitor.end(it, guard.stop or "max_iters", best_val_loss=progress.best_val_loss)
         monitor.close()
         run.finish()
         print(f"done in {time.time() - t_start:.1f} s: {run.summary(progress)}")
@@ -276,16 +293,22 @@ def train(cfg):
     return progress.best_val_loss
 
 
-def print_sample(model, data, cfg, ctx):
-    """A short sample at the end, starting from a newline (characters) or the end-of-text token."""
+def sample_text(model, data, cfg, ctx):
+    """sample_tokens of text, starting from a newline (characters) or the end-of-text token; its own generator, so
+    the run's random state is untouched."""
     meta, enc = data.meta, data.enc
     start = enc.encode("\n") if meta["tokenizer"] == "char" and "\n" in meta["chars"] else [enc.eot_token or 0]
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     idx = torch.tensor([start], dtype=torch.long, device=cfg.device)
     with ctx:
         out = model.generate(idx, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen)
+    return enc.decode(out[0, len(start):].tolist())
+
+
+def print_sample(model, data, cfg, ctx):
+    """A short sample at the end."""
     print("---- sample ----")
-    print(enc.decode(out[0, len(start):].tolist()))
+    print(sample_text(model, data, cfg, ctx))
 
 
 def main(argv=None):

@@ -6,12 +6,13 @@ time at every evaluation (docs/training.md, Curriculum).
 """
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sologpt.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, config/
 
@@ -43,7 +44,7 @@ def main():
         if res.returncode:
             sys.exit(f"failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
         wall = time.perf_counter() - t
-        curve = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        curve = read_metrics(out)
         points = ", ".join(f"{m['val_loss']:.3f} ({m['time_s']:.0f})" for m in curve[1:])
         print(f"  {name:48s} {points}; whole run {wall:.0f} s", flush=True)
 

@@ -8,11 +8,12 @@ scratch for those steps. Prints the best val loss of each (docs/finetuning.md).
 
 import argparse
 import codecs
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from sologpt.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, prepare/
 
@@ -36,7 +37,7 @@ def train(args, out, *flags):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
-    lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(out)
     return min(m["val_loss"] for m in lines)
 
 

@@ -68,13 +68,16 @@ class HFLoss(torch.nn.Module):
 def bench_model(name, model, flops_per_token, args, batch_size, loss_model=None):
     device, d = args.cfg.device, args.dist
     T = args.block_size
+    if args.compile_blocks:  # each block compiled on its own (torchtitan's way with FSDP), not the whole model
+        for block in model.transformer.h:
+            block.compile()
     # under torchrun: FSDP2 or DDP, exactly as train.py does it (sologpt/distributed.py); else unchanged
     distributed.shard(model, args.cfg, d)
     model.to(device).train()
     loss_model = distributed.wrap(loss_model or model, args.cfg, d)
     # fused AdamW, as train.py makes it (capturable: it reads the step count and lr from GPU memory in a graph)
     opt = train.make_optimizer(model, train.TrainConfig(cuda_graphs=args.cuda_graphs, optimizer=args.optimizer), "cuda")
-    fwd = torch.compile(loss_model, mode=args.compile_mode) if args.compile else loss_model
+    fwd = torch.compile(loss_model, mode=args.compile_mode) if args.compile and not args.compile_blocks else loss_model
     scaler = hardware.LossScaler("cuda", enabled=False)  # bf16: no loss scaling
     step_fn = functools.partial(train.train_step, fwd, opt, scaler, ctx=torch.autocast("cuda", dtype=torch.bfloat16),
                                 grad_clip=1.0)
@@ -194,6 +197,7 @@ def main():
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--eager", action="store_true", help="skip torch.compile")
+    p.add_argument("--compile_blocks", action="store_true", help="compile each block on its own, not the model")
     p.add_argument("--compile_mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode; max-autotune tries Triton matmul kernels, minutes to compile "
                         "(train.py uses the default)")

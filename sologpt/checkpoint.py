@@ -2,7 +2,7 @@
 (weights_only), what a resumed run restores from it, and load_model, which rebuilds the model of every kind.
 
     {format_version, model_config, model, optimizer, scaler, iter_num, init_source, best_val_loss, best_iter,
-     last_eval_iter, skipped_steps, elapsed_s, train_config, rng: {torch, cuda, batches}}
+     last_eval_iter, skipped_steps, elapsed_s, guard, train_config, rng: {torch, cuda, batches}}
 
 Tensors and plain values only, so torch.load(weights_only=True) reads it: no pickled code is ever run. Kinds:
 - full: "model" is the whole state dict (model_config's n_classes > 0: a classifier, sologpt/classify.py);
@@ -41,6 +41,7 @@ SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias
 OPTIONAL_FIELDS = ("rope", "rope_base", "norm", "qk_norm", "mlp_act", "tie_embeddings", "grad_checkpointing",
                    "residual_bf16")
 RESUME_ONLY_KEYS = ("optimizer", "scaler", "rng")  # training state, which a quantized file drops
+GUARD_KEYS = ("evals_since_best", "rollbacks", "lr_scale", "loss_mean")  # Progress fields saved under "guard"
 
 
 # ---- writing and reading ----------------------------------------------------------------------------------------
@@ -108,6 +109,11 @@ class Progress:
     last_eval_iter: int = -1  # the step of the last evaluation, so a resumed run does not repeat or skip one
     elapsed_s: float = 0.0  # seconds of training before this process (time_s in metrics.jsonl continues)
     best_iter: int = -1  # the step of the best val loss (-1: unknown, a checkpoint older than this field)
+    # the guard's counters (sologpt/guard.py)
+    evals_since_best: int = 0  # evaluations since the best val loss (early stopping's patience counts them)
+    rollbacks: int = 0  # times the spike guard rolled the run back
+    lr_scale: float = 1.0  # the learning rate's factor, lowered by rollbacks with spike_lr_factor < 1
+    loss_mean: float = 0.0  # the running mean of the logged losses that spikes are measured against (0: none yet)
 
 
 def training_state(model, optimizer, scaler, batch_gen, progress, cfg, init_source, t_start, d=Dist()):
@@ -128,6 +134,7 @@ def training_state(model, optimizer, scaler, batch_gen, progress, cfg, init_sour
         "last_eval_iter": progress.last_eval_iter,
         "skipped_steps": scaler.skipped_steps,
         "elapsed_s": time.time() - t_start,
+        "guard": {k: getattr(progress, k) for k in GUARD_KEYS},
         "train_config": dataclasses.asdict(cfg),
         "rng": {
             "torch": torch.get_rng_state(),
@@ -178,7 +185,19 @@ def restore(ckpt, model, optimizer, scaler, batch_gen, cfg, d=Dist()):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0])
     batch_gen.set_state(ckpt["rng"]["batches"])
     return Progress(ckpt["iter_num"], ckpt["best_val_loss"], ckpt["last_eval_iter"], ckpt["elapsed_s"],
-                    ckpt.get("best_iter", -1))  # absent in checkpoints of earlier versions
+                    ckpt.get("best_iter", -1), **ckpt.get("guard", {}))  # absent in checkpoints of earlier versions
+
+
+def rewind(ckpt, model, optimizer, scaler, cfg, d=Dist()):
+    """The spike guard's rollback (sologpt/guard.py): the weights, optimizer, loss scaler and RNG states of a
+    training_state dict put back into the live run, in place. The batch generator is left where it stands, past the
+    batches that led to the spike, which are so skipped; the run's Progress stays the live one."""
+    if "adapter" in ckpt:  # a LoRA run: the adapters, then the other trainable tensors below
+        with torch.no_grad():
+            for key, t in lora.lora_state_dict(model).items():
+                t.copy_(ckpt["adapter"]["adapter"][key])  # state_dict tensors share storage with the parameters
+    model.load_state_dict(ckpt["model"], strict="adapter" not in ckpt)
+    restore(ckpt, model, optimizer, scaler, torch.Generator(), cfg, d)  # the saved batch state goes to a spare
 
 
 def check_same_shape(ckpt_config, config, path):

@@ -36,6 +36,8 @@ def resolve(cfg):
         needs.append(f"optim_state 'fp32' (the lean optimizer states are not capturable; here {cfg.optim_state!r})")
     if cfg.seq_warmup_iters:
         needs.append("no seq_warmup_iters (a graph replays one batch shape)")
+    if cfg.spike_guard:
+        needs.append("no spike_guard (a rollback loads optimizer state into new tensors, which the graph never reads)")
     if "RANK" in os.environ:  # started by torchrun
         needs.append("plain python, not torchrun (the gradient exchange runs on NCCL's streams, outside the graph)")
     cfg.cuda_graphs = resolve_auto_bool("cuda_graphs", cfg.cuda_graphs, not needs)

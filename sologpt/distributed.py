@@ -230,5 +230,10 @@ def resume_command(d, args):
 
 
 def close(d):
+    """Tear the process group down. After a run that ended well, first wait until every rank is done (a rank that
+    left early would close its connections while another still talks); after an error, at once (torchrun ends the
+    others)."""
     if d.launched and dist.is_initialized():
+        if d.world > 1 and sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()

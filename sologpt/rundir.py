@@ -102,6 +102,16 @@ class RunDir:
         return f"{best}: {where}; the last step ({progress.iter_num}): {self.ckpt}"
 
 
+def read_metrics(path, kind="eval"):
+    """The records of one kind ("eval", "step", "rollback", "stop"; None: all) of a metrics.jsonl file or the out_dir
+    holding one (sologpt/monitor.py writes them), in the order they were written. Lines without a kind (runs of
+    earlier versions) are evaluations."""
+    path = Path(path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("kind", "eval") == kind]
+
+
 class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM sets .signal; the loop finishes its step, saves and exits. A second Ctrl-C stops
     at once. The previous handlers come back on exit. With several ranks the stop is agreed at log steps (every

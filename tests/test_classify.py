@@ -16,6 +16,7 @@ from model import GPT, GPTConfig
 from sologpt import checkpoint, classify, hf_gpt2
 from sologpt.checkpoint import read as read_checkpoint
 from sologpt.configurator import load_config
+from sologpt.rundir import read_metrics
 from tools import evaluate as evaluate_mod, export as export_mod
 
 
@@ -60,7 +61,7 @@ def test_classifier_learns_and_reports_accuracy(easy_classes, tmp_path, pool, ca
              "--block_size=32", "--batch_size=32", "--max_iters=60", "--eval_interval=30", "--eval_iters=2",
              "--learning_rate=1e-2", "--warmup_iters=5", "--progress=False"]
     run(flags)
-    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(tmp_path / "out")
     last = lines[-1]
     assert last["val_accuracy"] >= 0.9 and last["val_macro_f1"] >= 0.9, last
     assert last["train_loss"] < 0.5 * lines[0]["train_loss"]

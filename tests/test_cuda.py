@@ -16,8 +16,8 @@ def run(flags):
 
 
 def metrics(out):
-    import json
-    return {m["iter"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    from sologpt.rundir import read_metrics
+    return {m["iter"]: m for m in read_metrics(out)}
 
 
 @pytest.fixture
@@ -250,7 +250,7 @@ def test_torchrun_on_gpus_resumes_exactly(gpu_flags, tmp_path, parallel):
     """8 steps, a stop, 4 more under torchrun on the GPUs equal 12 straight (bf16, dropout, eager)."""
     nproc = min(2, torch.cuda.device_count())
     common = gpu_flags + ["--dtype=bfloat16", "--gradient_accumulation_steps=4", "--dropout=0.1",
-                          f"--parallel={parallel}"]
+                          "--lr_decay_iters=12", f"--parallel={parallel}"]
     for extra in ([f"--out_dir={tmp_path / 'straight'}"], [f"--out_dir={tmp_path / 's'}", "--max_iters=8"],
                   [f"--out_dir={tmp_path / 's'}", "--init_from=resume"]):
         res = torchrun_gpu(common + extra, nproc)

@@ -2,7 +2,6 @@
 low-precision frozen bases train and resume exactly, the micro-batch search, the out-of-memory message, and the
 memory estimate and report."""
 
-import json
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from sologpt.configurator import load_config
 from conftest import assert_resume_is_exact
 from model import GPT, GPTConfig
 from sologpt.checkpoint import read as read_checkpoint
+from sologpt.rundir import read_metrics
 
 
 def run(flags):
@@ -79,7 +79,7 @@ def test_lora_on_a_low_precision_base(tiny_flags, tmp_path, gpt2_dir, base_dtype
     run(flags + ["--max_iters=6"])
     ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["train_config"]["base_dtype"] == base_dtype
-    first, last = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][::2]
+    first, last = read_metrics(tmp_path / "out")[::2]
     assert last["val_loss"] < first["val_loss"]
     other = [f if not f.startswith("--out_dir") else f"--out_dir={tmp_path / 'r'}" for f in flags]
     run(other + ["--max_iters=3"])
@@ -156,7 +156,7 @@ def test_memory_estimate_and_report(tiny_flags, tmp_path, capsys):
     run(tiny_flags + ["--max_iters=2", "--optim_state=int8"])
     out = capsys.readouterr().out
     assert "memory estimate: weights" in out and "optimizer" in out
-    m = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    m = read_metrics(tmp_path / "out")[-1]
     assert m["peak_alloc_gib"] > 0 and m["peak_reserved_gib"] >= m["peak_alloc_gib"]
     cfg = load_config(train_mod.TrainConfig, ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=16",
                                               "--batch_size=2", "--device=cpu"])
@@ -195,11 +195,11 @@ def test_float16_skipped_steps_are_counted_and_logged(tiny_flags, tmp_path, monk
     run(tiny_flags + ["--max_iters=5", "--dtype=float16", "--eval_interval=5"])
     out = capsys.readouterr().out
     assert "1 skipped steps" in out
-    last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    last = read_metrics(tmp_path / "out")[-1]
     assert last["skipped_steps"] == 1 and last["loss_scale"] == 65536.0 / 2
     ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["scaler"]["scale"] == 65536.0 / 2  # the scaler's state is in the checkpoint
     assert ckpt["skipped_steps"] == 1
     run(tiny_flags + ["--max_iters=10", "--dtype=float16", "--eval_interval=5", "--init_from=resume"])
-    last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    last = read_metrics(tmp_path / "out")[-1]
     assert last["skipped_steps"] == 1  # counted across the resume, not restarted

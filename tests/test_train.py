@@ -17,6 +17,7 @@ from sologpt.configurator import load_config
 from conftest import REPO
 from model import GPT, GPTConfig
 from sologpt.checkpoint import read as read_checkpoint
+from sologpt.rundir import read_metrics
 from sologpt import batches, checkpoint, checks, hardware
 from sologpt.batches import get_batch
 from train import TrainConfig, get_lr
@@ -27,9 +28,8 @@ def run(flags):
 
 
 def metrics(out_dir):
-    """iter -> metrics line; a resumed run evaluates its first step again, with the same numbers."""
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["iter"]: m for m in map(json.loads, lines)}
+    """iter -> evaluation record; a resumed run evaluates its first step again, with the same numbers."""
+    return {m["iter"]: m for m in read_metrics(out_dir)}
 
 
 def weights(out_dir):
