@@ -26,8 +26,8 @@ from sologpt.inference import Engine
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out"  # folder with ckpt.pt and meta.json
-    ckpt: str = ""  # another checkpoint file (e.g. out/ckpt_int8.pt from tools/quantize.py); "" is out_dir/ckpt.pt
+    out_dir: str = "out"  # a run folder (ckpt.pt and meta.json), a checkpoint file or a Hugging Face GPT-2 directory
+    ckpt: str = ""  # another checkpoint (e.g. out/ckpt_int8.pt from tools/quantize.py, out/best.pt); "": out_dir's
     start: str = "\n"  # the prompt, or FILE:path to read it from a file; "" starts from the end-of-text token
     num_samples: int = 3
     max_new_tokens: int = 500
@@ -45,10 +45,11 @@ class SampleConfig:
 
 
 def load_model(cfg, device):
-    """The checkpoint's model, and the tokenizer that goes with it."""
-    path = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
+    """The model (of a run folder, a checkpoint file or a Hugging Face directory), and the tokenizer that goes with
+    it."""
     try:
-        model, meta = checkpoint.load_with_meta(path, also=[cfg.out_dir])
+        model, meta, _ = checkpoint.load_with_meta(cfg.ckpt or cfg.out_dir, also=[cfg.out_dir],
+                                                   flag="--ckpt" if cfg.ckpt else "--out_dir")
         enc = tok.from_meta(meta)
     except ValueError as e:  # a tokenizer error is one too
         raise UserError(str(e))
@@ -186,16 +187,16 @@ class Streamer:
 
 @torch.no_grad()
 def classify_lines(cfg, model, enc, ctx):
-    """A classifier's label for each non-empty line of the prompt, with the class probabilities."""
+    """A classifier's label for each non-empty line of the prompt, with the class probabilities (texts of several
+    lines, whole files of them, accuracy: python -m tools.evaluate --input=rows.jsonl)."""
     text = read_file(cfg.prompts) if cfg.prompts else prompt_text(cfg)
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise UserError("nothing to classify: pass --start='some text' or --start=FILE:lines.txt")
-    end = enc.eot_token if enc.eot_token is not None else enc.encode("\n")[0]  # as prepare/classify.py ends rows
     results = []
     for line in lines:
-        try:
-            ids = (enc.encode(line) + [end])[-model.config.block_size:]
+        try:  # the tokens and end marker prepare/classify.py gave the training rows
+            ids = tok.example_ids(enc, line)[-model.config.block_size:]
         except tok.TokenizerError as e:
             raise UserError(f"prompt: {e}")
         with ctx:

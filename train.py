@@ -199,7 +199,7 @@ def train(cfg):
         hardware.setup_cuda(cfg.device, cfg.attn_backend)
     ctx = hardware.autocast_context(device_type, cfg.dtype)  # mixed precision for the forward pass
     data = batches.load_dataset(cfg, d)  # train.bin / val.bin as memmaps, meta.json and its tokenizer
-    run = RunDir(cfg, d.main)  # out_dir: ckpt.pt, last.pt, config.json, meta.json, metrics.jsonl (rank 0 writes)
+    run = RunDir(cfg, d.main)  # out_dir: ckpt.pt, best.pt, last.pt, config.json, meta.json, metrics.jsonl (rank 0)
     ckpt, ckpt_path = run.resume_checkpoint(cfg) if cfg.init_from == "resume" else (None, None)
 
     # ---- setup: the model, what the step calls, the batches, the optimizer (each switch decided here, once)
@@ -253,11 +253,12 @@ def train(cfg):
                 if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != progress.last_eval_iter:
                     metrics = evaluate(step_model, ctx)
                     improved = metrics["val_loss"] < progress.best_val_loss
-                    progress.best_val_loss = min(progress.best_val_loss, metrics["val_loss"])
+                    if improved:
+                        progress.best_val_loss, progress.best_iter = metrics["val_loss"], it
                     progress.last_eval_iter = it
                     monitor.evaluation(it, metrics, improved, lr=get_lr(max(it - 1, 0), cfg) * progress.lr_scale)
                     if improved or cfg.always_save_checkpoint:
-                        run.save(state())
+                        run.save(state(), improved)  # ckpt.pt; best.pt too when improved
                     monitor.restart()  # the evaluation and the save are not step time
                 if it >= cfg.max_iters or guard.stop:  # guard.stop: early stopping's reason, else ""
                     break
@@ -272,7 +273,7 @@ def train(cfg):
 
                 if stop.now(it):  # save where a resume continues, then exit
                     monitor.report(it, lr)
-                    path = run.save(state(), best=cfg.always_save_checkpoint)
+                    path = run.save(state(), last=not cfg.always_save_checkpoint)
                     args = [a for a in sys.argv if not a.startswith("--init_from=")]
                     name = signal.Signals(stop.signal).name
                     monitor.end(it, name, f"{name}: saved {path} at step {it}. Resume with:\n"
@@ -281,8 +282,7 @@ def train(cfg):
         monitor.end(it, guard.stop or "max_iters", best_val_loss=progress.best_val_loss)
         monitor.close()
         run.finish()
-        print(f"done in {time.time() - t_start:.1f} s: best val loss {progress.best_val_loss:.4f}; "
-              f"checkpoint {run.ckpt}")
+        print(f"done in {time.time() - t_start:.1f} s: {run.summary(progress)}")
         if cfg.sample_tokens > 0 and cfg.task == "lm":
             print_sample(model, data, cfg, ctx)
     except torch.cuda.OutOfMemoryError:

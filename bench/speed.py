@@ -12,7 +12,6 @@ Synthetic data (random token ids): the step costs the same as on real text. Each
 8192^3 bf16 matmul.
 """
 
-import argparse
 import functools
 import os
 import subprocess

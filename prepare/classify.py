@@ -2,11 +2,13 @@
 
     python prepare/classify.py --input train.jsonl --val_input val.jsonl --name polarity
     python prepare/classify.py --input reviews.csv --val_fraction 0.1 --name reviews --tokenizer char
+    python prepare/classify.py --input train.jsonl --val_input val.jsonl --name pc --tokenizer_from data/polarity_chars
 
 writes data/NAME/{train,val}.bin (the tokens of every example, one after another), {train,val}_offsets.bin
 (int64: example i is tokens[offsets[i]:offsets[i+1]]), {train,val}_labels.bin (int64 class ids) and meta.json
 (task, label names in id order, tokenizer). For GPT-2 tokens each example ends with <|endoftext|>, for
-characters with "\\n": one fixed last token, which is where the head reads the text by default.
+characters with "\\n" (or, with --tokenizer_from, that tokenizer's end-of-text token if it has one): one fixed last
+token, which is where the head reads the text by default.
 """
 
 import csv
@@ -21,11 +23,13 @@ if __package__ in (None, ""):  # run as `python prepare/classify.py`: make `prep
 import numpy as np
 
 from prepare.common import PrepareError, sha256_file, token_dtype, write_meta, write_problem
+from sologpt import tokenizer
 from sologpt.configurator import ArgumentParser
 
 
-def read_rows(path, text_field, label_field):
-    """[(text, label string)] from a .jsonl or .csv file, with the line number of any bad row."""
+def read_rows(path, text_field, label_field, unlabelled=False):
+    """[(text, label string)] from a .jsonl or .csv file, with the line number of any bad row. unlabelled: a row
+    without a label gets None instead of an error (tools/evaluate.py predicts those)."""
     path = Path(path)
     if not path.is_file():
         raise PrepareError(f"{path} does not exist (or is not a file)")
@@ -36,7 +40,7 @@ def read_rows(path, text_field, label_field):
                            f"(e.g. iconv -f latin1 -t utf-8)")
     if path.suffix == ".csv":
         reader = csv.DictReader(lines)
-        missing = {text_field, label_field} - set(reader.fieldnames or [])
+        missing = {text_field, *(() if unlabelled else (label_field,))} - set(reader.fieldnames or [])
         if missing:
             raise PrepareError(f"{path}: the header has no column {sorted(missing)[0]!r} "
                                f"(columns: {reader.fieldnames}); set --text_field / --label_field")
@@ -61,6 +65,9 @@ def read_rows(path, text_field, label_field):
         if not isinstance(text, str) or not text.strip():
             raise PrepareError(f"{path}:{line_no} has no text in {text_field!r}: fix the row or set --text_field")
         if label is None or (isinstance(label, str) and not label.strip()):
+            if unlabelled:
+                rows.append((text, None))
+                continue
             raise PrepareError(f"{path}:{line_no} has no label in {label_field!r}: every row needs one")
         rows.append((text, str(label)))
     if not rows:
@@ -68,8 +75,25 @@ def read_rows(path, text_field, label_field):
     return rows
 
 
-def make_encoder(kind, texts):
-    """(encode(text) -> ids ending in the end marker, meta fields) for GPT-2 BPE or characters."""
+def make_encoder(kind, texts, like=None):
+    """(encode(text) -> ids ending in the end marker, meta fields) for GPT-2 BPE or characters, or with like (the
+    meta.json of a prepared dataset or a run folder) that tokenizer, so the classifier can start from a model
+    trained with it; characters it lacks are dropped (and counted in encode.dropped)."""
+    if like is not None:
+        fields = {k: like[k] for k in ("tokenizer", "vocab_size", "chars", "extra_tokens", "eot_token") if k in like}
+        try:
+            enc = tokenizer.from_meta(fields)
+        except tokenizer.TokenizerError as e:
+            raise PrepareError(f"--tokenizer_from: {e}")
+        known = set(fields.get("chars") or "")
+
+        def encode(text):
+            if fields["tokenizer"] == "char":
+                encode.dropped.update(ch for ch in text if ch not in known)
+            return tokenizer.example_ids(enc, text, drop_unknown=True)
+
+        encode.dropped = set()
+        return encode, fields
     if kind == "gpt2":
         import tiktoken
         enc = tiktoken.get_encoding("gpt2")
@@ -78,6 +102,20 @@ def make_encoder(kind, texts):
     stoi = {c: i for i, c in enumerate(chars)}
     return (lambda t: [stoi[c] for c in t] + [stoi["\n"]]), {"tokenizer": "char", "vocab_size": len(chars),
                                                             "chars": chars}
+
+
+def read_like(path):
+    """The meta.json of --tokenizer_from: a prepared dataset's folder, a run folder (train.py copies it there) or
+    the file itself."""
+    path = Path(path)
+    meta = path / "meta.json" if path.is_dir() else path
+    if not meta.is_file():
+        raise PrepareError(f"--tokenizer_from {path} has no meta.json: give a prepared dataset's folder or a run "
+                           f"folder")
+    try:
+        return tokenizer.load_meta(meta)
+    except tokenizer.TokenizerError as e:
+        raise PrepareError(str(e))
 
 
 def write_split(data_dir, split, rows, encode, label_ids, dtype):
@@ -113,7 +151,8 @@ def write_dataset(args):
     if unseen:
         raise PrepareError(f"the validation rows have labels the training rows lack: {unseen[:3]}")
     label_ids = {name: i for i, name in enumerate(names)}
-    encode, meta = make_encoder(args.tokenizer, [t for split in rows.values() for t, _ in split])
+    like = read_like(args.tokenizer_from) if args.tokenizer_from else None
+    encode, meta = make_encoder(args.tokenizer, [t for split in rows.values() for t, _ in split], like)
     dtype = token_dtype(meta["vocab_size"])
     data_dir = Path(args.data_root) / args.name
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +170,10 @@ def write_dataset(args):
         raise
     meta.update(task="classify", labels=names, dtype=np.dtype(dtype).name, max_token_id=max_id,
                 source=str(args.input), source_sha256=sha256_file(args.input))
+    dropped = sorted(getattr(encode, "dropped", ()))
+    if dropped:
+        print(f"warning: {len(dropped)} characters the tokenizer of {args.tokenizer_from} lacks were left out: "
+              + " ".join(repr(ch) for ch in dropped[:10]), file=sys.stderr)
     (data_dir / "meta.json").unlink(missing_ok=True)  # as prepare/common.publish: meta.json last
     for name in files:
         os.replace(data_dir / f"{name}.tmp", data_dir / name)
@@ -146,6 +189,8 @@ def main(argv=None):
     p.add_argument("--name", required=True, help="output folder under --data_root")
     p.add_argument("--data_root", default="data")
     p.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2")
+    p.add_argument("--tokenizer_from", metavar="DIR", help="use the tokenizer of this prepared dataset or run folder "
+                   "(its meta.json), e.g. the data of the model the classifier starts from; overrides --tokenizer")
     p.add_argument("--text_field", default="text")
     p.add_argument("--label_field", default="label")
     p.add_argument("--seed", type=int, default=1337)

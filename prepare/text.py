@@ -19,7 +19,7 @@ import os
 import sys
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -98,15 +98,16 @@ def process_batch(job):
 # --- reading ---------------------------------------------------------------------------------
 
 def read_documents(files, args, report):
-    """Yield every document's text, in order. Binary and unreadable files, invalid JSONL lines and (with
-    --non_utf8 skip) non-UTF-8 text are counted in the report and skipped, or refused with --strict."""
+    """Yield every document as ((file index, line number: 0 for a whole file), text), in order. Binary and
+    unreadable files, invalid JSONL lines and (with --non_utf8 skip) non-UTF-8 text are counted in the report and
+    skipped, or refused with --strict."""
     def skip(where, what, counter):
         report[counter] += 1
         if args.strict:
             raise PrepareError(f"{where}: {what} (without --strict it would be skipped)")
         warn(report, f"{where}: {what}; skipped")
 
-    for path in files:
+    for index, path in enumerate(files):
         bad_bytes = 0
         try:
             with (gzip.open if str(path).lower().endswith(".gz") else open)(path, "rb") as f:
@@ -127,7 +128,7 @@ def read_documents(files, args, report):
                     if jsonl:
                         text = json_text(text, where, args.text_field, skip) if text.strip() else None
                     if text is not None:
-                        yield text
+                        yield (index, lineno), text
         except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz, a permission problem
             skip(path, f"cannot be read ({e})", "unreadable_files")
         finally:
@@ -157,15 +158,17 @@ def warn(report, message):
 
 
 def batches(docs):
-    batch, size = [], 0
-    for doc in docs:
+    """(where, text) documents -> (wheres, texts) batches of about BATCH_CHARS characters."""
+    wheres, batch, size = [], [], 0
+    for where, doc in docs:
+        wheres.append(where)
         batch.append(doc)
         size += len(doc)
         if size >= BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
+            yield wheres, batch
+            wheres, batch, size = [], [], 0
     if batch:
-        yield batch
+        yield wheres, batch
 
 
 def in_val(key, seed, val_fraction):
@@ -179,16 +182,23 @@ def in_val(key, seed, val_fraction):
 
 def route_documents(args, files, settings, train, val, eot, report, alphabet):
     """Read the documents, have the workers process them, drop duplicates, and append each kept document to
-    train or val, eot first unless it is the split's first. At char level, mark the characters in alphabet."""
+    train or val, eot first unless it is the split's first. At char level, mark the characters in alphabet.
+    Returns where the val documents came from: [file index, line number (0: the whole file)] each, in order."""
     pool = multiprocessing.Pool(args.workers) if args.workers > 1 else None
     near = NearDuplicates(args.near_dedup, args.num_perm) if args.near_dedup else None
     seen, removed, cleaned = set(), Counter(), Counter()  # seen: exact keys of the kept documents
-    jobs = ((settings, batch) for batch in batches(read_documents(files, args, report)))
+    pending, val_documents = deque(), []  # the wheres of the batches sent out, and of the val documents
+
+    def jobs():
+        for wheres, batch in batches(read_documents(files, args, report)):
+            pending.append(wheres)  # results come back in order, so the first pending batch is the next result's
+            yield settings, batch
+
     try:
-        for results, changed in tqdm(ordered_map(pool, process_batch, jobs, window=2 * args.workers),
+        for results, changed in tqdm(ordered_map(pool, process_batch, jobs(), window=2 * args.workers),
                                      unit="batch", disable=None):
             cleaned.update(changed)
-            for problem, key, sig, ids in results:
+            for where, (problem, key, sig, ids) in zip(pending.popleft(), results):
                 report["documents_in"] += 1
                 if problem is None and args.dedup and key in seen:
                     problem = "exact_duplicate"
@@ -204,6 +214,8 @@ def route_documents(args, files, settings, train, val, eot, report, alphabet):
                     out.write([eot])  # between documents, not after the last
                 out.write(ids)
                 report[f"documents_{split}"] += 1
+                if split == "val":
+                    val_documents.append(list(where))
                 if alphabet is not None:
                     alphabet[ids] = True
     finally:
@@ -213,6 +225,7 @@ def route_documents(args, files, settings, train, val, eot, report, alphabet):
                   removed={r: removed[r] for r in ("empty", *FILTERS, "exact_duplicate", "near_duplicate")},
                   documents_kept=report["documents_train"] + report["documents_val"],
                   train_tokens=train.n_tokens, val_tokens=val.n_tokens)
+    return val_documents
 
 
 def char_ids(cp_writer, path, code_points, dtype):
@@ -248,7 +261,7 @@ def write_dataset(args):
     try:
         with TokenWriter(data_dir / f"train.{suffix}", dtype) as train, \
                 TokenWriter(data_dir / f"val.{suffix}", dtype) as val:
-            route_documents(args, files, settings, train, val, eot, report, alphabet)
+            val_documents = route_documents(args, files, settings, train, val, eot, report, alphabet)
             check_sizes(report, args, len(files))
         if alphabet is not None:
             alphabet[ord(CHAR_EOT)] = True
@@ -264,7 +277,9 @@ def write_dataset(args):
     seconds = time.time() - start
     report.update(seconds=round(seconds, 3), tokens_per_second=round((train.n_tokens + val.n_tokens) / seconds),
                   mb_per_second=round(report["bytes_in"] / seconds / 1e6, 3))
-    meta.update(source=[str(f) for f in files], report=report, settings=vars(args))
+    # which documents went to val, as [index into source, line number (0: the whole file)]: tools/evaluate.py
+    # checks val.bin against it; with the sources it says which texts a model never trained on
+    meta.update(source=[str(f) for f in files], val_documents=val_documents, report=report, settings=vars(args))
     return publish_splits(data_dir, train, val, meta)
 
 

@@ -39,8 +39,8 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
                      residual_bf16=cfg.residual_bf16)  # GPTConfig fields that leave the weights as they are
     init_source = cfg.init_from if ckpt is None else ckpt["init_source"]
     if ckpt is not None and init_source != "scratch":  # those weights fixed the shape, not the config's fields
-        for key in WEIGHT_FIELDS:
-            setattr(cfg, key, ckpt["model_config"].get(key, getattr(GPTConfig(), key)))
+        adopt_weight_fields(cfg, {key: ckpt["model_config"].get(key, getattr(GPTConfig(), key))
+                                  for key in WEIGHT_FIELDS}, ckpt_path)
     arch = {key: getattr(cfg, key) for key in ARCH_FIELDS}
     if init_source == "scratch" or (ckpt is not None and "adapter" not in ckpt):
         model = checkpoint.new_model(GPTConfig(
@@ -76,19 +76,21 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
 
 
 def start_point(cfg, meta, source, arch, head, behaviour, resuming):
-    """Pretrained weights (a GPT-2 directory or a sologpt checkpoint) fitted to the run: positions cropped,
+    """Pretrained weights (a GPT-2 directory or a sologpt checkpoint; checks.resolve made a run folder its ckpt.pt)
+    fitted to the run: positions cropped,
     vocabulary grown, a task head added. Refuses a start point that cannot serve this run's data or config."""
     if resuming and not Path(source).exists():
         raise ValueError(f"the run being resumed started from {source}, which is gone: put it back at that path (a "
                          f"LoRA run's checkpoint holds its adapters, not the base they apply to)")
-    if not resuming and Path(source).is_dir() and GPTConfig(**arch).modern_options():
+    where = checkpoint.locate(source, "init_from")  # a Hugging Face directory, or a checkpoint file
+    if not resuming and where.kind == "hf" and GPTConfig(**arch).modern_options():
         raise ValueError(f"GPT-2 weights have GPT-2's architecture, but the config sets "
                          f"{', '.join(GPTConfig(**arch).modern_options())}: leave those at their defaults")
-    if Path(source).is_dir() and meta["tokenizer"] != "gpt2":
+    if where.kind == "hf" and meta["tokenizer"] != "gpt2":
         raise ValueError(f"GPT-2 weights need GPT-2 tokens, but {cfg.dataset} uses tokenizer "
                          f"{meta['tokenizer']!r}: prepare the text with GPT-2 BPE (e.g. prepare/shakespeare.py)")
-    if not resuming and Path(source).is_file():
-        check_same_tokenizer(Path(source).parent / "meta.json", meta, cfg.dataset)
+    if not resuming and where.kind == "checkpoint":
+        check_same_tokenizer(where.path.parent / "meta.json", meta, cfg.dataset)
     model = checkpoint.load_source(source, allow_quantized=False, vocab_pad_multiple=cfg.vocab_pad_multiple,
                                    **behaviour)
     checkpoint.fit(model, source, block_size=cfg.block_size, vocab_size=meta["vocab_size"], **head)
@@ -96,8 +98,7 @@ def start_point(cfg, meta, source, arch, head, behaviour, resuming):
         if arch[key] != getattr(GPTConfig(), key) and arch[key] != getattr(model.config, key):
             raise ValueError(f"{source} has {key}={getattr(model.config, key)!r}, but the config sets "
                              f"{key}={arch[key]!r}: the weights fix the architecture, so drop --{key}")
-    for key in WEIGHT_FIELDS:  # record the real shape and architecture
-        setattr(cfg, key, getattr(model.config, key))
+    adopt_weight_fields(cfg, {key: getattr(model.config, key) for key in WEIGHT_FIELDS}, source)
     if not resuming and (cfg.lora_rank or cfg.freeze_embeddings) and getattr(model, "vocab_grown_from", None):
         print("warning: the new vocabulary rows start at the mean embedding and stay frozen with lora_rank or "
               "freeze_embeddings: domain tokens will not be learned (train the embeddings, or drop the new tokens)")
@@ -105,6 +106,17 @@ def start_point(cfg, meta, source, arch, head, behaviour, resuming):
         print(f"starting from {source}: n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd}"
               f", vocab_size={model.config.vocab_size}")
     return model
+
+
+def adopt_weight_fields(cfg, weights, source):
+    """Record in cfg the shape and architecture the start point's weights have (they decide, not the config); a
+    field the config set to another value than its default gets one warning line naming the value used."""
+    default = type(cfg)()
+    for key, value in weights.items():
+        if getattr(cfg, key) != value and getattr(cfg, key) != getattr(default, key):
+            print(f"warning: {key}={getattr(cfg, key)!r} is ignored: the weights of {source} have {key}={value!r}, "
+                  f"which this run uses")
+        setattr(cfg, key, value)
 
 
 def check_same_tokenizer(meta_path, meta, dataset):

@@ -1,7 +1,7 @@
 """The checkpoint format, in one place: what out_dir/ckpt.pt holds, how it is written (atomically) and read
 (weights_only), what a resumed run restores from it, and load_model, which rebuilds the model of every kind.
 
-    {format_version, model_config, model, optimizer, scaler, iter_num, init_source, best_val_loss,
+    {format_version, model_config, model, optimizer, scaler, iter_num, init_source, best_val_loss, best_iter,
      last_eval_iter, skipped_steps, elapsed_s, guard, train_config, rng: {torch, cuda, batches}}
 
 Tensors and plain values only, so torch.load(weights_only=True) reads it: no pickled code is ever run. Kinds:
@@ -20,6 +20,7 @@ import os
 import pickle
 import pickletools
 import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -68,15 +69,30 @@ def write_text(path, text):
     _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
-def _atomic_write(path, write):
+def link(src, dst):
+    """dst becomes the same file as src (best.pt = ckpt.pt): a hard link, so no second write, or a copy on a
+    filesystem without links; published with a rename like every write here, so dst is always whole."""
+    def hard_link(tmp):
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    _atomic_write(Path(dst), None, make=hard_link)
+
+
+def _atomic_write(path, write, make=None):
     # the writer's pid in the temp name: two writers never share one, and a temp file left by a killed writer is
     # recognised (its pid runs no more) and removed after the next successful write of the same file
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        if make is not None:  # the temp file made another way (a link)
+            tmp.unlink(missing_ok=True)
+            make(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -296,6 +312,7 @@ class Progress:
     best_val_loss: float = math.inf
     last_eval_iter: int = -1  # the step of the last evaluation, so a resumed run does not repeat or skip one
     elapsed_s: float = 0.0  # seconds of training before this process (time_s in metrics.jsonl continues)
+    best_iter: int = -1  # the step of the best val loss (-1: unknown, a checkpoint older than this field)
     # the guard's counters (sologpt/guard.py)
     evals_since_best: int = 0  # evaluations since the best val loss (early stopping's patience counts them)
     rollbacks: int = 0  # times the spike guard rolled the run back
@@ -317,6 +334,7 @@ def training_state(model, optimizer, scaler, batch_gen, progress, cfg, init_sour
         "iter_num": progress.iter_num,
         "init_source": init_source,  # "scratch", or the GPT-2 directory or checkpoint the run started from
         "best_val_loss": progress.best_val_loss,
+        "best_iter": progress.best_iter,
         "last_eval_iter": progress.last_eval_iter,
         "skipped_steps": scaler.skipped_steps,
         "elapsed_s": time.time() - t_start,
@@ -376,7 +394,7 @@ def restore(ckpt, model, optimizer, scaler, batch_gen, cfg, d=Dist(), path="chec
         else:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0])
     return Progress(ckpt["iter_num"], ckpt["best_val_loss"], ckpt["last_eval_iter"], ckpt["elapsed_s"],
-                    **ckpt.get("guard", {}))  # absent in checkpoints of earlier versions
+                    ckpt.get("best_iter", -1), **ckpt.get("guard", {}))  # absent in checkpoints of earlier versions
 
 
 def rewind(ckpt, model, optimizer, scaler, cfg, d=Dist()):
@@ -484,26 +502,142 @@ def _load_lora_run(ckpt, config, path, merge):
     return base
 
 
-def load_with_meta(path, also=()):
-    """(model, meta.json dict) of a checkpoint file, for the tools that read text (sample.py, tools/score.py): the
-    meta.json beside it, in the folders of `also`, or in the dataset folder its train_config names."""
-    ckpt = read(path)
-    model = load_model(ckpt, path)
-    return model, tokenizer.load_meta(tokenizer.find_meta(path, ckpt, also))
+def load_with_meta(spec, also=(), flag="--ckpt"):
+    """(model, meta.json dict, ModelPath) of any model source, for the tools that read text (sample.py,
+    tools/score.py, tools/evaluate.py). A checkpoint's meta.json is the one beside it, in the folders of `also`, or
+    in the dataset folder its train_config names; a Hugging Face directory's is its own meta.json (tools/export.py
+    writes one) or else GPT-2's tokenizer."""
+    ckpt, where = load_checkpoint(spec, flag)
+    return load_model(ckpt, where.path), find_tokenizer(ckpt, where, also), where
 
 
-def load_source(source, allow_quantized=True, vocab_pad_multiple=None, **overrides):
-    """The model of a start point: a Hugging Face GPT-2 directory or a sologpt checkpoint file. overrides as in
-    load_model; vocab_pad_multiple applies to a GPT-2 directory (a checkpoint keeps its own)."""
+def find_tokenizer(ckpt, where, also=()):
+    """The meta.json dict that decodes a model's token ids (see load_with_meta). A checkpoint made from a Hugging
+    Face directory (tools/quantize.py) without a meta.json of its own takes that directory's. Raises
+    tokenizer.TokenizerError when there is none."""
+    hf_dir = where.path
+    if where.kind == "checkpoint":
+        try:
+            return tokenizer.load_meta(tokenizer.find_meta(where.path, ckpt, also))
+        except tokenizer.TokenizerError:
+            hf_dir = Path(str(ckpt.get("init_source") or "scratch"))
+            if ckpt.get("train_config") or not hf_dir.is_dir():  # trained, or not made from a directory
+                raise
+    own = hf_dir / "meta.json"
+    return tokenizer.load_meta(own) if own.is_file() else tokenizer.gpt2_meta()
+
+
+def load_source(source, allow_quantized=True, vocab_pad_multiple=None, flag="init_from", **overrides):
+    """The model of a start point (init_from, teacher, a LoRA run's base): a run folder, a sologpt checkpoint file
+    or a Hugging Face GPT-2 directory (see locate). overrides as in load_model; vocab_pad_multiple applies to a GPT-2
+    directory (a checkpoint keeps its own)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if Path(source).is_dir():
+    where = locate(source, flag)
+    if where.kind == "hf":
         pad = {} if vocab_pad_multiple is None else {"vocab_pad_multiple": vocab_pad_multiple}
-        return hf_gpt2.load(source, **overrides, **pad)
-    ckpt = read(source)
+        return hf_gpt2.load(where.path, **overrides, **pad)
+    ckpt = read(where.path)
     if "quantization" in ckpt and not allow_quantized:
-        raise ValueError(f"{source} is quantized ({ckpt['quantization']['mode']}): start training from the "
+        raise ValueError(f"{where.path} is quantized ({ckpt['quantization']['mode']}): start training from the "
                          f"float checkpoint it came from")
-    return load_model(ckpt, source, **overrides)
+    return load_model(ckpt, where.path, **overrides)
+
+
+# ---- where a model lives: a run folder, a checkpoint file or a Hugging Face directory ----------------------------
+
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class ModelPath:
+    """What locate() found: kind "checkpoint" (a sologpt checkpoint file, or a run folder's ckpt.pt) or "hf" (a
+    Hugging Face GPT-2 directory), and path: that file or that directory."""
+    kind: str
+    path: Path
+
+
+def locate(spec, flag="--ckpt"):
+    """Every place that takes a model (init_from, teacher, the tools' --out_dir and --ckpt) asks here what `spec`
+    is, by what is inside it, not by its name:
+
+    - a folder holding ckpt.pt: a run's out_dir; its ckpt.pt is the model (meta.json lies beside it);
+    - a folder holding config.json (transformers' keys) and model.safetensors or pytorch_model.bin: Hugging Face;
+    - a file that torch.save wrote (a zip archive, or the legacy pickle format): a sologpt checkpoint.
+
+    Anything else raises ValueError with one line naming what was found there (flag names the setting)."""
+    path, where = Path(spec), f"{flag}={spec}"
+    hint = "give a run folder (out_dir), a checkpoint file (e.g. out/ckpt.pt) or a Hugging Face GPT-2 directory"
+    if not str(spec) or not path.exists():
+        raise ValueError(f"{where} does not exist: {hint}")
+    if path.is_file():
+        found = _file_kind(path)
+        if found is None:
+            return ModelPath("checkpoint", path)
+        raise ValueError(f"{where} is {found}: {hint}")
+    if (path / "ckpt.pt").is_file():
+        return ModelPath("checkpoint", path / "ckpt.pt")
+    config = _json_or_none(path / "config.json")
+    if config is None and (path / "config.json").is_file():
+        raise ValueError(f"{where} holds a config.json that is not valid JSON (UTF-8): repair or re-export it")
+    if config is not None and ("model_type" in config or "n_positions" in config):  # what transformers writes
+        if any((path / name).is_file() for name in HF_WEIGHTS):
+            return ModelPath("hf", path)
+        sharded = any(path.glob("*.index.json"))
+        raise ValueError(f"{where} has a Hugging Face config.json but no model.safetensors or pytorch_model.bin"
+                         + (": sharded weights do not load here; save them as one file (save_pretrained with a "
+                            "larger max_shard_size)" if sharded else ": copy the weights file beside it"))
+    if config is not None and "init_from" in config and "out_dir" in config:  # train.py's config.json
+        last = (": it holds last.pt, an interrupted run's resume point; pass that file, or resume the run"
+                if (path / "last.pt").is_file() else ": the run has not saved one yet (it does at its first "
+                                                     "evaluation), or the file was moved")
+        raise ValueError(f"{where} is a sologpt run folder without ckpt.pt{last}")
+    names = sorted(p.name for p in path.iterdir())
+    held = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "") if names else "nothing"
+    raise ValueError(f"{where} is a folder with neither ckpt.pt (a sologpt run) nor config.json with "
+                     f"model.safetensors (a Hugging Face GPT-2 directory); it holds {held}")
+
+
+def _file_kind(path):
+    """What a file that is plainly no checkpoint looks like (for the error message), or None: a file torch.save
+    wrote, or one read() must judge (a damaged checkpoint)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive / legacy pickle
+        return None
+    if len(head) > 8 and head[8:9] == b"{" and path.suffix == ".safetensors":
+        return f"a safetensors weights file: give the folder that holds it with its config.json ({path.parent})"
+    if path.name == "config.json":
+        return f"a config.json: give the folder that holds it ({path.parent})"
+    if not head:
+        return "empty (0 bytes)"
+    try:
+        head.decode("utf-8")
+        text = b"\0" not in head
+    except UnicodeDecodeError as e:  # a character cut by the end of the sample still counts as text
+        text = b"\0" not in head and len(head) == 512 and e.start >= len(head) - 3
+    return "a text file, not a checkpoint" if text else None
+
+
+def _json_or_none(path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def load_checkpoint(spec, flag="--ckpt"):
+    """(checkpoint dict, ModelPath) of any model source: a Hugging Face directory becomes the dict of a full
+    checkpoint without training state (from_model), so every tool handles one kind."""
+    where = locate(spec, flag)
+    if where.kind == "hf":
+        return from_model(hf_gpt2.load(where.path), init_source=str(where.path)), where
+    return read(where.path), where
+
+
+def from_model(model, init_source="scratch", **extra):
+    """A full checkpoint dict of a model without training state (as tools/export.py --merged_ckpt writes)."""
+    return {"format_version": FORMAT_VERSION, "model_config": model_config(model), "model": model.state_dict(),
+            "init_source": init_source, "iter_num": 0, "best_val_loss": math.inf, "train_config": {}, **extra}
 
 
 def fit(model, source, block_size=None, vocab_size=None, n_classes=0, cls_pool="last"):

@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 from model import GPTConfig
-from sologpt import (board, chunked_ce, classify, cuda_graph, curriculum, distill, distributed, fp8, freeze, guard, lora,
-                     memory, muon, plots, quantize)
+from sologpt import (board, checkpoint, chunked_ce, classify, cuda_graph, curriculum, distill, distributed, fp8, freeze,
+                     guard, lora, memory, muon, plots, quantize)
 from sologpt.configurator import UserError, resolve_auto_bool
 from sologpt.hardware import resolve_device
 
@@ -49,8 +49,13 @@ def resolve(cfg):
     if cfg.attn_impl not in ("sdpa", "math"):
         raise UserError(f"attn_impl={cfg.attn_impl!r} is unknown: use 'sdpa' or 'math'")
     if cfg.init_from not in ("scratch", "resume") and not Path(cfg.init_from).exists():
-        raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', a Hugging Face GPT-2 directory "
-                        f"or a sologpt checkpoint file")
+        raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or an existing path: give a run "
+                        f"folder (out_dir), a checkpoint file or a Hugging Face GPT-2 directory")
+    if cfg.init_from not in ("scratch", "resume"):  # a run folder resolves to its ckpt.pt, logged with the config
+        try:
+            cfg.init_from = str(checkpoint.locate(cfg.init_from, "init_from").path)
+        except ValueError as e:
+            raise UserError(str(e))
     try:  # the model options, checked before any data is read
         GPTConfig(norm=cfg.norm, mlp_act=cfg.mlp_act, rope=cfg.rope, n_head=cfg.n_head, n_embd=cfg.n_embd)
     except ValueError as e:

@@ -171,3 +171,47 @@ def evaluate_splits(model, splits, cfg, ctx, n_classes, d=Dist()):
         limit = None if split == "val" else cfg.eval_iters * cfg.batch_size
         out.update({f"{split}_{k}": v for k, v in evaluate(model, data, cfg, ctx, n_classes, limit, d).items()})
     return out
+
+
+# ---- evaluating a trained classifier on any labelled rows (tools/evaluate.py) ---------------------------------------
+
+def rows_split(ids, labels=None):
+    """(tokens, offsets, labels) arrays, as load_split returns them, of examples given as lists of ids (labels -1
+    when unknown)."""
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(x) for x in ids])
+    tokens = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]) if ids else np.zeros(0, dtype=np.int64)
+    labels = np.full(len(ids), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    return tokens, offsets, labels
+
+
+@torch.no_grad()
+def predict(model, split, block_size, batch_size, device, ctx, progress=None):
+    """Class probabilities (N, n_classes) of every example of a split, batch_size at a time. Each batch is cut to
+    its longest row: right padding is never seen by a real token, so that changes no output, only the time.
+    progress: a tqdm-like wrapper for the batches, or None."""
+    model.eval()
+    n = len(split[2])
+    starts = range(0, n, batch_size)
+    out = []
+    for start in progress(starts) if progress else starts:
+        rows = np.arange(start, min(start + batch_size, n))
+        x, lengths, _ = make_batch((split[0], split[1], np.zeros(n, dtype=np.int64)), rows, block_size, device)
+        x = x[:, :int(lengths.max())]  # (B, longest)
+        with ctx:
+            logits, _ = model(x, lengths=lengths)
+        out.append(logits.float().softmax(-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.config.n_classes), dtype=np.float32)
+
+
+def per_class(counts):
+    """[(precision, recall, f1, support)] per class of a confusion matrix (counts[true, predicted]); a ratio whose
+    denominator is 0 is 0."""
+    tp = np.diag(counts)
+    predicted, support = counts.sum(0), counts.sum(1)
+    out = []
+    for t, p, s in zip(tp, predicted, support):
+        precision, recall = (t / p if p else 0.0), (t / s if s else 0.0)
+        f1 = 2 * t / (p + s) if p + s else 0.0
+        out.append((float(precision), float(recall), float(f1), int(s)))
+    return out

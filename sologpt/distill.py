@@ -15,19 +15,18 @@ Memory: the loss holds a few float32 tensors of (tokens, vocab), e.g. 2.4 GB eac
 GPT-2's 50257; the teacher's forward costs no activations for backward (no_grad).
 """
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sologpt.checkpoint import load_source
+from sologpt.checkpoint import load_source, locate
 
 
 def check(cfg):
-    if cfg.teacher and (cfg.task != "lm" or not Path(cfg.teacher).exists()):
-        raise ValueError(f"teacher={cfg.teacher!r} must be an existing checkpoint file or GPT-2 directory, "
-                         f"with task 'lm'")
+    if cfg.teacher and cfg.task != "lm":
+        raise ValueError(f"teacher={cfg.teacher!r} teaches a language model: use it with task 'lm'")
+    if cfg.teacher:  # a run folder resolves to its ckpt.pt
+        cfg.teacher = str(locate(cfg.teacher, "teacher").path)
     if not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_temperature <= 0:
         raise ValueError("distill_alpha must be in [0, 1] and distill_temperature above 0")
 
@@ -57,12 +56,10 @@ class Distill(nn.Module):
 
 
 def load_teacher(source, device, vocab_size, block_size):
-    """The teacher from a sologpt checkpoint file (any kind: full, LoRA, quantized) or a Hugging Face GPT-2
-    directory: in eval mode (no dropout), every parameter frozen, on device. Raises ValueError with one line when
-    it cannot teach a student of this vocab_size and block_size."""
-    if not Path(source).exists():
-        raise ValueError(f"teacher {source} does not exist: give a sologpt checkpoint file or a GPT-2 directory")
-    teacher = load_source(source)  # a directory loads as GPT-2, a file as a sologpt checkpoint of any kind
+    """The teacher from a run folder, a sologpt checkpoint file (any kind: full, LoRA, quantized) or a Hugging Face
+    GPT-2 directory: in eval mode (no dropout), every parameter frozen, on device. Raises ValueError with one line
+    when it cannot teach a student of this vocab_size and block_size."""
+    teacher = load_source(source, flag="teacher")  # checkpoint.locate tells the kinds apart
     c = teacher.config
     if c.n_classes > 0:
         raise ValueError(f"teacher {source} is a classifier: distillation needs a language model teacher")

@@ -6,6 +6,7 @@ GPT-2 stores its four block matrices as Conv1D, (in, out): the transpose of nn.L
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -51,9 +52,8 @@ def load(path, **overrides):
     return model
 
 
-def save(model, path):
-    """Write a Hugging Face GPT-2 directory that transformers.GPT2LMHeadModel.from_pretrained loads.
-    Uses safetensors when installed (it comes with transformers), else pytorch_model.bin."""
+def check_exportable(model):
+    """ValueError unless the model has GPT-2's architecture (what GPT2LMHeadModel can hold)."""
     c = model.config
     if c.bias is False:
         raise ValueError("a model with bias=False cannot be exported as GPT-2, which has biases")
@@ -62,6 +62,14 @@ def save(model, path):
                          f"none of these: keep the sologpt checkpoint (sample.py and tools/score.py read it)")
     if c.n_classes > 0:
         raise ValueError("a classifier (n_classes > 0) cannot be exported as GPT2LMHeadModel")
+
+
+def save(model, path):
+    """Write a Hugging Face GPT-2 directory that transformers.GPT2LMHeadModel.from_pretrained loads (the tokenizer
+    files are sologpt/hf_tokenizer.py's). Uses safetensors when installed (it comes with transformers), else
+    pytorch_model.bin; the files get the permissions of the user's umask."""
+    check_exportable(model)
+    c = model.config
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
@@ -88,6 +96,14 @@ def save(model, path):
         torch.save(tensors, path / "pytorch_model.bin")
     else:
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        os.chmod(path / "model.safetensors", 0o666 & ~current_umask())  # safetensors creates it 0600
+
+
+def current_umask():
+    """The process's umask (os.umask can only be read by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _read_hf_config(path):

@@ -1,8 +1,9 @@
-"""A run's folder and its life: out_dir/ckpt.pt (saved at evaluations), last.pt (an interrupt's resume point when
-ckpt.pt must stay the best model), config.json, meta.json and metrics.jsonl; which checkpoint a resume reads; the
-lock that keeps a second run out of a folder a live run writes (train.lock); and the Ctrl-C / SIGTERM handling that
-lets the current step finish and saves before exiting. A write that fails (a full disk, a read-only folder) stops the
-run with one line and leaves the previous checkpoint as it was."""
+"""A run's folder and its life: out_dir/ckpt.pt (saved at evaluations: where a resume continues), best.pt (the
+evaluation with the best val loss), last.pt (an interrupt's resume point when ckpt.pt must stay the best model),
+config.json, meta.json and metrics.jsonl; which checkpoint a resume reads; the line that ends a run; the lock that
+keeps a second run out of a folder a live run writes (train.lock); and the Ctrl-C / SIGTERM handling that lets the
+current step finish and saves before exiting. A write that fails (a full disk, a read-only folder) stops the run
+with one line and leaves the previous checkpoint as it was."""
 
 import dataclasses
 import fcntl
@@ -16,7 +17,7 @@ from sologpt import checkpoint
 from sologpt.configurator import UserError
 
 
-FILES = ("ckpt.pt", "last.pt", "config.json", "meta.json", "metrics.jsonl")  # what a run writes in out_dir
+FILES = ("ckpt.pt", "best.pt", "last.pt", "config.json", "meta.json", "metrics.jsonl")  # what a run writes in out_dir
 
 
 class RunDir:
@@ -24,6 +25,9 @@ class RunDir:
         self.main = main  # several ranks: rank 0 alone writes
         self.path = Path(cfg.out_dir)
         self.ckpt = self.path / "ckpt.pt"
+        # the best evaluation so far: a hard link to ckpt.pt when that is the best (no second write), kept when a
+        # later, worse evaluation replaces ckpt.pt (always_save_checkpoint=True)
+        self.best = self.path / "best.pt"
         # with always_save_checkpoint=False ckpt.pt must stay the best model, so an interrupt saves here
         self.last = self.path / "last.pt"
         self.metrics = self.path / "metrics.jsonl"
@@ -32,12 +36,13 @@ class RunDir:
             raise UserError(f"out_dir {self.path} is a file, not a folder: choose another --out_dir")
         if main:
             self.lock.check()  # a live run writes here: refuse before any work
+        self.always_save = cfg.always_save_checkpoint
         if cfg.init_from != "resume" and self.ckpt.exists() and not cfg.overwrite:
             raise UserError(f"{self.ckpt} already exists: continue it with --init_from=resume, choose another "
                             f"--out_dir, or pass --overwrite=True to replace it")
         for source in (cfg.init_from, cfg.teacher):  # a new run in out_dir would overwrite its own start point
-            if source not in ("", "scratch", "resume") and Path(source).resolve() in (self.ckpt.resolve(),
-                                                                                      self.last.resolve()):
+            if source not in ("", "scratch", "resume") and Path(source).resolve() in (
+                    self.ckpt.resolve(), self.best.resolve(), self.last.resolve()):
                 raise UserError(f"{source} is this run's own checkpoint, which the run would overwrite: copy it "
                                 f"elsewhere or pick another --out_dir")
 
@@ -79,25 +84,44 @@ class RunDir:
             self.close()
             raise
 
-    def save(self, state, best=True):
-        """ckpt.pt, or last.pt for a resume point that is not the best model; ckpt.pt supersedes last.pt. A failed
-        write stops the run with one line; the file it would have replaced is unchanged."""
-        path = self.ckpt if best else self.last
+    def save(self, state, improved=False, last=False):
+        """ckpt.pt (and best.pt when this is the best evaluation so far), or with last=True last.pt: a resume point
+        that is not the best model; ckpt.pt supersedes last.pt. Returns the path written. A failed write stops the
+        run with one line; the file it would have replaced is unchanged."""
+        path = self.last if last else self.ckpt
         if self.main:
             try:
                 checkpoint.save(path, state)
-                if best:
+                if not last:
                     self.last.unlink(missing_ok=True)
+                if improved and not last:
+                    self._link_best()
             except OSError as e:
                 kept = (f"the previous {path} is unchanged: continue from it with --init_from=resume"
                         if path.exists() else "nothing was saved")
                 raise UserError(f"cannot write {path}: {write_problem(e)}; {kept}")
         return path
 
+    def _link_best(self):
+        checkpoint.link(self.ckpt, self.best)  # best.pt = ckpt.pt: the same file on disk
+
     def finish(self):
         if self.main:
             self.last.unlink(missing_ok=True)  # the run is complete: a later resume starts from ckpt.pt
         self.close()
+
+    def summary(self, progress):
+        """What the end-of-run line says: the best val loss, its step, and which file holds it and the last step."""
+        at = f" (step {progress.best_iter})" if progress.best_iter >= 0 else ""
+        best = f"best val loss {progress.best_val_loss:.4f}{at}"
+        same = self.best.is_file() and self.ckpt.is_file() and os.path.samefile(self.best, self.ckpt)
+        if progress.best_iter == progress.iter_num or (same and self.always_save):
+            return f"{best} = the last step: {self.ckpt} (also {self.best.name})"
+        if not self.always_save:
+            return (f"{best}: {self.ckpt} (also {self.best.name}); the last step ({progress.iter_num}) was not "
+                    f"saved (always_save_checkpoint=False)")
+        where = self.best if self.best.is_file() else "in no file (that evaluation predates best.pt)"
+        return f"{best}: {where}; the last step ({progress.iter_num}): {self.ckpt}"
 
     def close(self):
         """Give up the folder's lock (at the end of the run, however it ends)."""

@@ -87,6 +87,22 @@ class TiktokenTokenizer:
         return self.enc.decode(ids)
 
 
+def example_ids(enc, text, drop_unknown=False):
+    """The ids of one classification example (prepare/classify.py, sample.py, tools/evaluate.py): its tokens, with
+    "<|endoftext|>" in the text read as plain text, then the end marker the classification head reads: the
+    tokenizer's end-of-text token, or "\\n" for characters without one. drop_unknown: characters a character
+    vocabulary lacks are left out instead of refused."""
+    if isinstance(enc, CharTokenizer):
+        if drop_unknown:
+            text = "".join(ch for ch in text if ch in enc.stoi)
+        end = enc.eot_token if enc.eot_token is not None else enc.stoi.get("\n")
+        if end is None:
+            raise TokenizerError("the character vocabulary has neither an end-of-text token nor \"\\n\" to end an "
+                                 "example with: prepare the text with a tokenizer that has one")
+        return enc.encode(text) + [end]
+    return enc.encode_ordinary(text) + [enc.eot_token]
+
+
 def read_extra_tokens(path, name="gpt2"):
     """The terms in a file (one per line; blank lines and surrounding spaces ignored) that become new
     tokens, in file order, and one warning per line skipped: a repeated term, or one the encoding
@@ -146,6 +162,11 @@ def from_meta(meta):
         raise TokenizerError(f"meta.json says vocab_size={meta['vocab_size']} but {kind} plus {len(extra)} extra "
                              f"tokens makes {tok.vocab_size}: run the dataset's prepare/ script again")
     return tok
+
+
+def gpt2_meta():
+    """The meta.json of GPT-2's own tokenizer, for a Hugging Face GPT-2 directory that has none."""
+    return {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}
 
 
 def find_meta(ckpt_path, ckpt, also=()):

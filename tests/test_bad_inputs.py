@@ -205,7 +205,7 @@ def world(char_data, tmp_path_factory):
     (root / "hf_noweights").mkdir()
     (root / "hf_noweights" / "config.json").write_text(json.dumps(dict(n_positions=64, vocab_size=65, n_layer=2,
                                                                          n_head=2, n_embd=32)))
-    for name, files in (("hf_zero", {}), ("hf_badst", {"model.safetensors": b"not safetensors"}),
+    for name, files in (("hf_zero", {"model.safetensors": b"not read: the config is judged first"}), ("hf_badst", {"model.safetensors": b"not safetensors"}),
                         ("hf_badbin", {"pytorch_model.bin": b"not a torch file"})):
         (root / name).mkdir()
         config = dict(n_positions=64, vocab_size=65, n_layer=2, n_head=0 if name == "hf_zero" else 2, n_embd=32)
@@ -262,7 +262,7 @@ CASES = [
     ("norm", "train", T + " --norm=batchnorm", "norm='batchnorm' is unknown"),
     ("mlp", "train", T + " --mlp_act=swish", "mlp_act='swish' is unknown"),
     ("rope type", "train", T + " --rope=1", "rope=1 in flag '--rope=1' has type int, expected bool"),
-    ("init_from", "train", T + " --init_from={root}/nope", "is not 'scratch', 'resume', a Hugging Face GPT-2 directory"),
+    ("init_from", "train", T + " --init_from={root}/nope", "is not 'scratch', 'resume' or an existing path: give a run folder"),
     ("task", "train", T + " --task=regress", "task='regress' is unknown"),
     ("cls_pool", "train", T + " --cls_pool=max", "cls_pool='max' is unknown"),
     ("freeze negative", "train", T + " --freeze_layers=-1", "freeze_layers=-1 must not be negative"),
@@ -275,7 +275,7 @@ CASES = [
     ("qat mode", "train", T + " --qat=int3", "qat='int3' is unknown"),
     ("qat + fp8", "train", T + " --qat=int8 --fp8=True", "qat cannot be combined with"),
     ("qat group", "train", T + " --qat=int4 --qat_group_size=3", "group_size=3 must be an even number"),
-    ("teacher missing", "train", T + " --teacher={root}/nope.pt", "must be an existing checkpoint file or GPT-2 directory"),
+    ("teacher missing", "train", T + " --teacher={root}/nope.pt", "teacher={root}/nope.pt does not exist: give a run folder"),
     ("distill alpha", "train", T + " --teacher={run}/ckpt.pt --distill_alpha=1.5", "distill_alpha must be in [0, 1]"),
     ("chunked + teacher", "train", T + " --teacher={run}/ckpt.pt --chunked_loss=8", "chunked_loss must be >= 0, for task 'lm', without teacher"),
     ("chunked negative", "train", T + " --chunked_loss=-1", "chunked_loss must be >= 0"),
@@ -375,7 +375,7 @@ CASES = [
           ("train", R.replace("--init_from=resume", "--init_from=resume --task=classify --dataset=cls"))]),
     ] for name, fragment in names for entry, args in readers],
     # -- sample.py
-    ("sample no ckpt", "sample", "--out_dir={root}/nothing", "{root}/nothing/ckpt.pt does not exist"),
+    ("sample no ckpt", "sample", "--out_dir={root}/nothing", "--out_dir={root}/nothing does not exist"),
     ("sample temperature", "sample", "--out_dir={run} --temperature=-1", "need temperature >= 0, 0 < top_p <= 1"),
     ("sample nan temperature", "sample", "--out_dir={run} --temperature=nan", "temperature=nan in flag"),
     ("sample top_p", "sample", "--out_dir={run} --top_p=0", "0 < top_p <= 1"),
@@ -394,9 +394,9 @@ CASES = [
     ("score one token", "score", "--device=cpu --out_dir={run} --input={root}/one.txt", "scoring needs at least 2"),
     ("score stride", "score", "--device=cpu --out_dir={run} --input={root}/held.txt --stride=1000", "stride=1000 must be between 1 and the model's block_size=32"),
     ("score batch", "score", "--out_dir={run} --input={root}/held.txt --batch_size=0", "batch_size=0 must be at least 1"),
-    ("score hf dir", "score", "--input={root}/held.txt --hf_dir={root}/nope", "--hf_dir {root}/nope is not a directory"),
-    ("score hf json", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_bad", "config.json is not valid JSON"),
-    ("score hf weights", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_noweights", "has no model.safetensors or pytorch_model.bin"),
+    ("score hf dir", "score", "--input={root}/held.txt --hf_dir={root}/nope", "--hf_dir={root}/nope does not exist"),
+    ("score hf json", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_bad", "holds a config.json that is not valid JSON"),
+    ("score hf weights", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_noweights", "has a Hugging Face config.json but no model.safetensors or pytorch_model.bin"),
     ("score hf zero heads", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_zero", "n_head=0 is not a positive integer"),
     ("score hf safetensors", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_badst", "model.safetensors cannot be read"),
     ("score hf bin", "score", "--device=cpu --input={root}/held.txt --hf_dir={root}/hf_badbin", "pytorch_model.bin cannot be read as tensors only"),
@@ -408,7 +408,7 @@ CASES = [
     ("export quantized", "export", "--ckpt={root}/q/ckpt.pt --hf_dir={root}/docs/hf", "is quantized; export the float checkpoint"),
     ("export classifier", "export", "--out_dir={root}/cls --hf_dir={root}/docs/hf", "a classifier (n_classes > 0) cannot be exported"),
     ("export onto input", "export", "--out_dir={run} --merged_ckpt={run}/ckpt.pt", "is the input checkpoint: pick another file"),
-    ("export onto a file", "export", "--out_dir={run} --hf_dir={root}/held.txt", "cannot write {root}/held.txt"),
+    ("export onto a file", "export", "--out_dir={run} --hf_dir={root}/held.txt", "--hf_dir={root}/held.txt is a file: give a folder"),
     # -- tools/quantize.py
     ("quantize no args", "quantize", "", "the following arguments are required: --ckpt, --mode"),
     ("quantize mode", "quantize", "--ckpt {run}/ckpt.pt --mode int3", "argument --mode: invalid choice: 'int3'"),

@@ -5,18 +5,15 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import sample as sample_mod
 import train as train_mod
-from conftest import REPO, SHARED, SHAKESPEARE, bpe_flags, error_of, run_train as run
-from model import GPT, GPTConfig
-from sologpt import checkpoint, classify, hf_gpt2
+from conftest import REPO, SHAKESPEARE, error_of, run_train as run
+from sologpt import checkpoint, hf_gpt2
 from sologpt.checkpoint import read as read_checkpoint
 from sologpt.configurator import load_config
-from tools import export as export_mod
 
 
 # ---- start points --------------------------------------------------------------------------------------

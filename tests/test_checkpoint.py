@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import make_model, perturb, rand_ids
-from model import GPT, GPTConfig
 from sologpt import checkpoint
 from sologpt.checkpoint import FORMAT_VERSION as CKPT_FORMAT_VERSION, read as read_checkpoint
 
@@ -143,8 +142,10 @@ def as_v1(ckpt):
 def test_checkpoints_keep_format_1(trained):
     ckpt = read_checkpoint(trained / "ckpt.pt")
     # keys added since, which readers of format 1 ignore: the number of ranks that trained it (torchrun) and the
-    # guard's counters (sologpt/guard.py), which a checkpoint without them starts at their defaults
-    assert set(ckpt) == V1_KEYS | {"world_size", "guard"} and set(ckpt["model_config"]) == V1_MODEL_CONFIG
+    # step of the best val loss, and the guard's counters (sologpt/guard.py), which a checkpoint without them starts
+    # at their defaults
+    assert set(ckpt) == V1_KEYS | {"world_size", "best_iter", "guard"}
+    assert set(ckpt["model_config"]) == V1_MODEL_CONFIG
     assert set(ckpt["train_config"]) >= set(V1_TRAIN_FIELDS)
 
 

@@ -11,13 +11,13 @@ import torch
 
 import sample as sample_mod
 import train as train_mod
-from conftest import REPO, SHARED, SHAKESPEARE, bpe_flags, error_of, run_train as run
-from model import GPT, GPTConfig
-from sologpt import checkpoint, classify, hf_gpt2
+from conftest import REPO, SHARED, error_of, run_train as run
+from model import GPTConfig
+from sologpt import classify
 from sologpt.checkpoint import read as read_checkpoint
 from sologpt.configurator import load_config
 from sologpt.rundir import read_metrics
-from tools import export as export_mod
+from tools import evaluate as evaluate_mod
 
 
 # ---- classification -------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def easy_classes(tmp_path_factory):
 
 
 @pytest.mark.parametrize("pool", ["last", "mean"])
-def test_classifier_learns_and_reports_accuracy(easy_classes, tmp_path, pool):
+def test_classifier_learns_and_reports_accuracy(easy_classes, tmp_path, pool, capsys):
     flags = [f"--data_root={easy_classes / 'data'}", "--dataset=easy", f"--out_dir={tmp_path / 'out'}",
              "--device=cpu", "--task=classify", f"--cls_pool={pool}", "--n_layer=1", "--n_head=2", "--n_embd=32",
              "--block_size=32", "--batch_size=32", "--max_iters=60", "--eval_interval=30", "--eval_iters=2",
@@ -69,6 +69,44 @@ def test_classifier_learns_and_reports_accuracy(easy_classes, tmp_path, pool):
     labels = sample_mod.sample(load_config(sample_mod.SampleConfig, [f"--out_dir={tmp_path / 'out'}",
                                                                      "--device=cpu", "--start=abcd xxxx bcde fgab cdef\nabcd efga bcde fgab cdef"]))
     assert labels == ["pos", "neg"]
+    printed = capsys.readouterr().out
+    assert "val accuracy" in printed and "ppl" not in printed  # a classifier's evaluation line has no perplexity
+    if pool == "last":
+        evaluate_a_classifier(tmp_path / "out", easy_classes, last, tmp_path, capsys)
+
+
+def evaluate_a_classifier(out, root, last, tmp_path, capsys):
+    """tools/evaluate.py on a trained classifier: its own val split gives train.py's numbers; labelled rows (texts
+    of several lines too) give accuracy, macro-F1, per-class figures, a confusion matrix and a predictions file."""
+    def evaluate(*argv):
+        return evaluate_mod.evaluate(load_config(evaluate_mod.EvaluateConfig, [f"--out_dir={out}", "--device=cpu",
+                                                                               *argv]))
+
+    (name, r), = evaluate().items()  # the run's dataset, val split
+    assert name == "easy-val" and r["accuracy"] == last["val_accuracy"] and r["macro_f1"] == last["val_macro_f1"]
+    rows = [{"text": "abcd xxxx\nbcde fgab cdef", "label": "pos"}, {"text": "abcd efga\nbcde fgab", "label": "pos"},
+            {"text": "gfed cbag\nfedc", "label": "neg"}]
+    write_rows(tmp_path / "new.jsonl", rows)
+    (name, r), = evaluate(f"--input={tmp_path / 'new.jsonl'}", "--batch_size=2").items()
+    preds = [json.loads(line) for line in (out / "predictions-new.jsonl").read_text().splitlines()]
+    assert [p["text"] for p in preds] == [row["text"] for row in rows] and preds[0]["pred"] == "pos"
+    assert [p["label"] for p in preds] == ["pos", "pos", "neg"]
+    assert all(abs(sum(p["probs"].values()) - 1) < 1e-4 for p in preds)
+    counts = np.array(r["confusion"])  # rows: the true label, columns: the predicted one
+    assert counts.sum() == 3 and counts[1].sum() == 2 and r["accuracy"] == np.trace(counts) / 3
+    assert r["per_class"]["pos"]["support"] == 2 and r["per_class"]["pos"]["recall"] == counts[1, 1] / 2
+    printed = capsys.readouterr().out
+    assert "confusion matrix (rows: true label, columns: predicted)" in printed and "macro-F1" in printed
+    # rows without labels: predictions only; rows the model cannot take: one line
+    write_rows(tmp_path / "unlabelled.jsonl", [{"text": "abcd xxxx"}])
+    (_, r), = evaluate(f"--input={tmp_path / 'unlabelled.jsonl'}").items()
+    assert "accuracy" not in r and json.loads((out / "predictions-unlabelled.jsonl").read_text())["pred"] == "pos"
+    write_rows(tmp_path / "odd.jsonl", [{"text": "abcd", "label": "maybe"}])
+    err = error_of(evaluate_mod.main, [f"--out_dir={out}", f"--input={tmp_path / 'odd.jsonl'}"], capsys)
+    assert "has labels the model does not know: ['maybe'] (its labels: ['neg', 'pos'])" in err
+    write_rows(tmp_path / "half.jsonl", [{"text": "abcd", "label": "pos"}, {"text": "efga"}])
+    err = error_of(evaluate_mod.main, [f"--out_dir={out}", f"--input={tmp_path / 'half.jsonl'}"], capsys)
+    assert "1 of 2 rows have no 'label'" in err
 
 
 def test_classifier_batches_right_padded_and_truncated_from_the_left():
@@ -125,3 +163,22 @@ def test_a_new_classifier_draws_its_weights_as_before_the_redesign():
     torch.testing.assert_close(m.cls_head.weight[0, :3], torch.tensor([0.018236180767, 0.002815536456, -0.008363409899]))
     torch.testing.assert_close(m.transformer.h[1].mlp.c_proj.weight[0, :2], torch.tensor([-0.012563676573,
                                                                                           -0.003797887824]))
+
+
+def test_labelled_rows_in_the_tokenizer_of_a_pretrained_run(polarity, trained, char_data, tmp_path):
+    """prepare/classify.py --tokenizer_from: the rows in the characters of another dataset (here tiny-shakespeare's),
+    so a classifier starts from a model trained on it; characters it lacks are left out, with a warning."""
+    cmd = [sys.executable, "prepare/classify.py", f"--input={polarity / 'rows.jsonl'}", "--name=pol_like",
+           f"--data_root={tmp_path}", f"--tokenizer_from={trained}"]  # a run folder: its meta.json
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith("warning: ") and "characters the tokenizer of" in res.stderr
+    meta, tiny = (json.loads(p.read_text()) for p in (tmp_path / "pol_like" / "meta.json",
+                                                       char_data / "tiny" / "meta.json"))
+    assert meta["chars"] == tiny["chars"] and meta["task"] == "classify"
+    tokens, offsets, _ = classify.load_split(tmp_path / "pol_like", "train", meta)
+    assert tokens[offsets[1] - 1] == tiny["chars"].index("\n")  # the end marker
+    run([f"--data_root={tmp_path}", "--dataset=pol_like", f"--out_dir={tmp_path / 'out'}", "--device=cpu",
+         "--task=classify", f"--init_from={trained}", "--block_size=32", "--batch_size=8", "--max_iters=2",
+         "--eval_iters=1", "--progress=False"])
+    assert read_checkpoint(tmp_path / "out" / "ckpt.pt")["model_config"]["n_classes"] == 2

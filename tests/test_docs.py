@@ -14,11 +14,11 @@ import sample
 import train
 from conftest import REPO
 from sologpt.configurator import load_config
-from tools import export, score
+from tools import evaluate, export, score
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 CONFIGS = {"train.py": train.TrainConfig, "sample.py": sample.SampleConfig, "-m tools.score": score.ScoreConfig,
-           "-m tools.export": export.ExportConfig}
+           "-m tools.export": export.ExportConfig, "-m tools.evaluate": evaluate.EvaluateConfig}
 
 
 def commands(path):

@@ -1,18 +1,16 @@
 """tools/export.py: a Hugging Face GPT-2 directory with the same logits, and its errors."""
 
 import json
-import subprocess
-import sys
+import os
+import stat
 
-import numpy as np
 import pytest
 import torch
 
 import sample as sample_mod
-import train as train_mod
-from conftest import REPO, SHARED, SHAKESPEARE, bpe_flags, error_of, run_train as run
+from conftest import error_of, run_train as run
 from model import GPT, GPTConfig
-from sologpt import checkpoint, classify, hf_gpt2
+from sologpt import checkpoint
 from sologpt.checkpoint import read as read_checkpoint
 from sologpt.configurator import load_config
 from tools import export as export_mod
@@ -45,3 +43,73 @@ def test_merged_checkpoint_of_a_low_precision_base_run_loads(tiny_flags, tmp_pat
     err = error_of(export_mod.main, [f"--out_dir={tmp_path / 'f'}", f"--merged_ckpt={tmp_path / 'no' / 'm.pt'}"],
                    capsys)
     assert "does not exist" in err
+
+
+# ---- the tokenizer files ---------------------------------------------------------------------------------------
+
+TEXTS = ["hello world", "ROMEO:\nWhat, ho! Apothecary!\n\n", "  two spaces,\tthree   spaces\n\n\n  ", "trailing  ",
+         "café naïve 日本語 😀 — “quotes”", "it's I'M we'll they've", "a<|endoftext|>b", "<|endoftext|>",
+         "3.14159 12,345", "\r\nwindows\r\n", "x" * 300]
+
+
+def round_trip(hf_dir, enc, texts):
+    """AutoTokenizer of the exported folder against sologpt's tokenizer: the same ids, and back to the same text."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    for text in texts:
+        ids = enc.encode(text)
+        assert hf.encode(text) == ids, text
+        assert hf.decode(ids) == text == enc.decode(ids), text
+    return hf
+
+
+def gpt2_run(folder, meta, vocab_size):
+    """A run folder holding a tiny GPT of GPT-2's vocabulary (plus any domain tokens) and its meta.json."""
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=1, n_head=1, n_embd=8))
+    checkpoint.save(folder / "ckpt.pt", checkpoint.from_model(model))
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_export_writes_tokenizer_files_that_encode_as_sologpt(trained, tmp_path, capsys):
+    from sologpt import tokenizer
+    old = os.umask(0o027)  # the files get the user's umask (safetensors alone would make the weights 0600)
+    try:
+        export_mod.main([f"--out_dir={trained}", f"--hf_dir={tmp_path / 'char'}"])
+        run = gpt2_run(tmp_path / "bpe", tokenizer.gpt2_meta(), 50257)
+        export_mod.main([f"--out_dir={run}", f"--hf_dir={tmp_path / 'gpt2'}"])
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "gpt2" / name).st_mode) == 0o640, name
+    # GPT-2 BPE: vocab.json + merges.txt rebuilt from tiktoken's ranks; <|endoftext|> in text is the special token
+    enc = tokenizer.from_meta(tokenizer.gpt2_meta())
+    hf = round_trip(tmp_path / "gpt2", enc, TEXTS)
+    assert hf.eos_token_id == 50256 and hf.convert_ids_to_tokens(enc.encode(" world")) == ["Ġworld"]
+    # characters: tokenizer.json, one token per character
+    meta = json.loads((trained / "meta.json").read_text())
+    round_trip(tmp_path / "char", tokenizer.from_meta(meta), [TEXTS[1], "  two spaces,  three   spaces\n\n\n  "])
+    # the folder also holds meta.json, so sologpt's tools read the export with its tokenizer
+    out = sample_mod.sample(load_config(sample_mod.SampleConfig, [f"--out_dir={tmp_path / 'char'}", "--start=ROMEO:",
+                                                                  "--num_samples=1", "--max_new_tokens=5"]))
+    assert out[0].startswith("ROMEO:")
+    # an export never goes over a run or other files; an earlier export is replaced
+    err = error_of(export_mod.main, [f"--out_dir={trained}", f"--hf_dir={trained}"], capsys)
+    assert "holds files an export does not write (best.pt, ckpt.pt" in err
+    export_mod.main([f"--out_dir={trained}", f"--hf_dir={tmp_path / 'gpt2'}"])  # char over the BPE export
+    assert not (tmp_path / "gpt2" / "vocab.json").exists() and (tmp_path / "gpt2" / "tokenizer.json").exists()
+
+
+def test_domain_tokens_are_added_tokens(tmp_path):
+    from sologpt import tokenizer
+    meta = {**tokenizer.gpt2_meta(), "vocab_size": 50260, "extra_tokens": ["GPU cluster", "Kubernetes", "naïve-term"]}
+    export_mod.main([f"--out_dir={gpt2_run(tmp_path / 'run', meta, 50260)}", f"--hf_dir={tmp_path / 'hf'}"])
+    enc = tokenizer.from_meta(meta)
+    round_trip(tmp_path / "hf", enc, ["the GPU cluster runs Kubernetes", "GPU clusters and Kubernetes's pods",
+                                      "a GPU clusterGPU cluster<|endoftext|>x", "GPU clus"])
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.encode("a naïve-term here") == enc.encode("a naïve-term here")  # the ids match; decoding does not:
+    assert "non-ASCII" in (tmp_path / "hf" / "TOKENIZER.md").read_text()  # the folder says so

@@ -172,6 +172,7 @@ def step_losses(text):
     return {int(m[1]): m[2] for m in re.finditer(r"^step +(\d+) \| loss ([\d.]+)", text, flags=re.M)}
 
 
+RUN_FILES = ["best.pt", "ckpt.pt", "config.json", "meta.json", "metrics.jsonl"]  # a finished run's out_dir
 TIMES = ("time_s", "peak_alloc_gib", "peak_reserved_gib", "tokens_per_s", "ms_per_step", "mfu")
 
 
@@ -248,7 +249,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(reference, cha
     assert sorted(ours) == list(range(1, STEPS + 1)) and all(ours[s] == theirs[s] for s in ours), tried
     a, b = checkpoint.read(out / "ckpt.pt")["model"], checkpoint.read(ref_out / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "meta.json", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == RUN_FILES
     assert "taking it over" in text  # a killed run's lock was stale, and the next run said so
     assert "Traceback" not in text
 
@@ -306,7 +307,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_one_and_stops_in_one_line
     err = error_of(train_mod.main, flags + ["--init_from=resume"], capsys)
     assert f"cannot write {ckpt}" in err and error.strerror in err and "is unchanged" in err, err
     assert ckpt.read_bytes() == before
-    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt.pt", "config.json", "meta.json", "metrics.jsonl"]
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == RUN_FILES
 
 
 def test_a_failing_write_at_the_start_or_of_metrics_is_one_line(tiny_flags, tmp_path, monkeypatch, capsys):
@@ -345,9 +346,12 @@ def test_tools_and_prepare_stop_in_one_line_on_a_full_disk(trained, tmp_path, mo
     prep_text.main([str(rows), "--name", "doc", "--data_root", str(data), "--min_split_tokens", "1", "--workers", "1"])
     prep_classify.main(["--input", str(rows), "--name", "cls", "--data_root", str(data), "--tokenizer", "char"])
     before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    real_open = open
 
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def full(path, mode="r", *args, **kwargs):  # every write fails; reads (telling what a file is) still work
+        if any(c in mode for c in "wax+"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
 
     runs = [(quantize_mod.main, ["--ckpt", str(trained / "ckpt.pt"), "--mode", "int8", "--out", str(old)], checkpoint),
             (export_mod.main, [f"--out_dir={trained}", f"--merged_ckpt={old}"], checkpoint),
@@ -393,7 +397,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tiny_flags, tmp_path, monk
     assert err.startswith("error: a second SIGINT stopped the run at once, without saving") and "\n" not in err
     out = tmp_path / "out"
     assert checkpoint.read(out / "ckpt.pt")["iter_num"] == 4  # the evaluation's checkpoint, not step 6 or 7
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "meta.json", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == RUN_FILES
     assert signal.getsignal(signal.SIGINT) is handler
 
 
@@ -429,7 +433,7 @@ def test_a_second_ctrl_c_during_the_save_keeps_the_previous_checkpoint(tiny_flag
         train_mod.main(flags + ["--init_from=resume"])
     assert exc.value.code == 130
     assert ckpt.read_bytes() == before
-    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt.pt", "config.json", "meta.json", "metrics.jsonl"]
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == RUN_FILES
 
 
 # ---- the out_dir lock ----------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import make_model, perturb, rand_ids
-from model import GPT, GPTConfig
 from sologpt import hf_gpt2
 
 V = 64  # vocabulary of the tiny models

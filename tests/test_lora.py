@@ -16,7 +16,7 @@ import sample as sample_mod
 import train as train_mod
 from conftest import bpe_flags, error_of, run_train as run
 from model import GPT, GPTConfig
-from sologpt import checkpoint, hf_gpt2, lora
+from sologpt import checkpoint, hf_gpt2
 from sologpt.checkpoint import read as read_checkpoint
 from sologpt.configurator import load_config
 from sologpt.freeze import count_trainable

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sologpt import checkpoint, quantize
+from sologpt import checkpoint
 from sologpt import quantize as q
 from tools import quantize as quantize_cli
 from conftest import REPO
@@ -267,6 +267,8 @@ def test_cli_errors_in_process(tmp_path, capsys):
     src = tmp_path / "ckpt.pt"
     assert "does not exist" in cli_error(["--ckpt", src, "--mode", "int8"], capsys)
     src.write_bytes(b"not a checkpoint")
+    assert "is a text file, not a checkpoint" in cli_error(["--ckpt", src, "--mode", "int8"], capsys)
+    src.write_bytes(b"PK\x03\x04 a damaged zip")
     assert "corrupt or truncated" in cli_error(["--ckpt", src, "--mode", "int8"], capsys)
     torch.save(float_ckpt(tiny_gpt()), src)
     before = src.read_bytes()

@@ -47,7 +47,7 @@ def error_line(argv, capsys):
 
 
 def test_sample_errors(trained, tmp_path, capsys):
-    assert "ckpt.pt does not exist" in error_line([f"--out_dir={tmp_path}"], capsys)
+    assert "is a folder with neither ckpt.pt" in error_line([f"--out_dir={tmp_path}"], capsys)
     err = error_line([f"--out_dir={trained}", "--start=ROMEO: ¿qué?"], capsys)
     assert "'¿' (U+00BF)" in err and "'é' (U+00E9)" in err
     assert "cannot read the prompt file" in error_line([f"--out_dir={trained}", f"--start=FILE:{tmp_path}/no"],

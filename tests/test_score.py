@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sologpt import checkpoint, quantize
+from sologpt import checkpoint
 from tools import score as score_mod
 from sologpt.configurator import load_config
 from conftest import REPO, SHAKESPEARE
@@ -192,9 +192,10 @@ def test_errors(char_run, tmp_path, capsys):
     err = error_line([f"--out_dir={out}", f"--input={odd}"], capsys)
     assert "'¿' (U+00BF)" in err and "vocabulary lacks" in err
     assert "stride=33" in error_line([f"--out_dir={out}", f"--input={text}", "--stride=33"], capsys)
-    assert "ckpt.pt does not exist" in error_line([f"--out_dir={tmp_path}", f"--input={text}"], capsys)
+    assert "is a folder with neither ckpt.pt" in error_line([f"--out_dir={tmp_path}", f"--input={text}"], capsys)
     lone = tmp_path / "lone" / "ckpt.pt"  # a checkpoint without its meta.json or dataset
     lone.parent.mkdir()
     lone.write_bytes((out / "ckpt.pt").read_bytes())
     assert "no meta.json beside" in error_line([f"--ckpt={lone}", f"--input={text}"], capsys)
-    assert "is not a directory" in error_line([f"--hf_dir={tmp_path / 'x'}", f"--input={text}"], capsys)
+    assert "x does not exist: give a run folder" in error_line([f"--hf_dir={tmp_path / 'x'}", f"--input={text}"],
+                                                               capsys)

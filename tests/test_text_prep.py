@@ -243,6 +243,9 @@ def test_split_by_document_with_separators(tmp_path):
         assert ids[0] != EOT and ids[-1] != EOT and (ids == EOT).sum() == n - 1  # between documents only
     pieces = [enc.decode(d) for d in split_docs(train, EOT) + split_docs(val, EOT)]
     assert sorted(pieces) == sorted(docs)  # every document whole, on one side
+    # meta.json says which ones went to val, in val.bin's order: [source file, line] (JSONL lines count from 1)
+    assert [docs[line - 1] for _, line in meta["val_documents"]] == [enc.decode(d) for d in split_docs(val, EOT)]
+    assert {f for f, _ in meta["val_documents"]} == {0} and meta["source"] == [str(tmp_path / "d.jsonl")]
     assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
 
 
@@ -267,7 +270,7 @@ def test_workers_give_the_same_bytes(tmp_path, monkeypatch):
     outputs = {}
     for workers in (1, 2):
         meta, train, val = prepare(tmp_path, src, name=f"w{workers}", workers=workers)
-        outputs[workers] = (train.tobytes(), val.tobytes(), meta["report"]["removed"])
+        outputs[workers] = (train.tobytes(), val.tobytes(), meta["report"]["removed"], meta["val_documents"])
     assert outputs[1] == outputs[2]
 
 

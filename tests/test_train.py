@@ -328,7 +328,7 @@ def test_finetune_from_gpt2_directory_then_resume(gpt2_setup, tmp_path, capsys):
     err = run_main_error([f"--init_from={root / 'gpt2'}", f"--data_root={root / 'data'}", "--dataset=bpe",
                           f"--out_dir={tmp_path / 'o2'}", "--block_size=128", "--device=cpu"], capsys)
     assert "block_size=128 is longer than the 64 positions" in err
-    assert "is not 'scratch', 'resume', a Hugging Face GPT-2 directory" in run_main_error(["--init_from=scratc"], capsys)
+    assert "is not 'scratch', 'resume' or an existing path" in run_main_error(["--init_from=scratc"], capsys)
 
 
 def test_attention_backend_switch(capsys):
@@ -408,6 +408,27 @@ def test_best_only_saves_on_improvement_and_metrics_are_cut_on_resume(tiny_flags
     run(flags + ["--init_from=resume", "--max_iters=4"])
     assert sorted(metrics(tmp_path / "out")) == [0, 2, 4]
     assert metrics(tmp_path / "out")[4]["val_loss"] == 9.9
+
+
+@pytest.mark.parametrize("always_save", [True, False])
+def test_the_last_line_names_the_best_and_the_last_checkpoint(tiny_flags, tmp_path, monkeypatch, capsys, always_save):
+    vals = iter([3.0, 2.0, 2.5])  # val losses at steps 0, 2, 4: the best is not the last
+    monkeypatch.setattr(batches, "estimate_loss", lambda *a, **k: {"train_loss": 1.0, "val_loss": next(vals)})
+    run(tiny_flags + [f"--always_save_checkpoint={always_save}", "--eval_interval=2", "--max_iters=4"])
+    out = tmp_path / "out"
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert read_checkpoint(out / "best.pt")["iter_num"] == 2 and read_checkpoint(out / "best.pt")["best_iter"] == 2
+    if always_save:  # ckpt.pt is the last step (where a resume continues); best.pt the best evaluation
+        assert read_checkpoint(out / "ckpt.pt")["iter_num"] == 4
+        assert last_line.endswith(f"best val loss 2.0000 (step 2): {out / 'best.pt'}; the last step (4): "
+                                  f"{out / 'ckpt.pt'}")
+    else:  # ckpt.pt is the best, and best.pt the same file on disk (a hard link: no second write)
+        assert os.path.samefile(out / "ckpt.pt", out / "best.pt")
+        assert last_line.endswith(f"best val loss 2.0000 (step 2): {out / 'ckpt.pt'} (also best.pt); the last "
+                                  f"step (4) was not saved (always_save_checkpoint=False)")
+    # a start point named best.pt in its own out_dir would be overwritten: refused
+    err = run_main_error(tiny_flags + [f"--init_from={out / 'best.pt'}", "--overwrite=True"], capsys)
+    assert "is this run's own checkpoint" in err
 
 
 def test_logged_loss_is_a_plain_mean_across_evaluations(tiny_flags, capsys):

@@ -4,6 +4,8 @@
     python -m tools.score --ckpt=out-small/ckpt_int4.pt --input=held_out.txt  # any checkpoint kind, quantized too
     python -m tools.score --hf_dir=gpt2 --input=held_out.txt --stride=512      # a Hugging Face GPT-2 directory
 
+(tools/evaluate.py does this and more: a prepared dataset's split, several files, classifiers.)
+
 The text is tokenized with the model's own tokenizer (meta.json beside the checkpoint; GPT-2's BPE for --hf_dir).
 Every token after the first is scored once. A text longer than the context is read in windows of block_size tokens
 that start `stride` tokens apart: each window scores only the tokens the previous windows did not, so every token
@@ -24,20 +26,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from sologpt import checkpoint, hf_gpt2, tokenizer as tok
+from sologpt import checkpoint, tokenizer as tok
 from sologpt.configurator import UserError, run_cli
 from sologpt.hardware import autocast_context, resolve_device
 
 
 @dataclass
 class ScoreConfig:
-    out_dir: str = "out"  # folder with ckpt.pt and meta.json
-    ckpt: str = ""  # another checkpoint file (e.g. out/ckpt_int8.pt); "" is out_dir/ckpt.pt
-    hf_dir: str = ""  # score a Hugging Face GPT-2 directory instead (GPT-2 tokenizer); out_dir and ckpt are ignored
+    out_dir: str = "out"  # a run folder (ckpt.pt and meta.json), a checkpoint file or a Hugging Face GPT-2 directory
+    ckpt: str = ""  # another checkpoint (e.g. out/ckpt_int8.pt); "": out_dir's
+    hf_dir: str = ""  # a Hugging Face GPT-2 directory (GPT-2 tokenizer unless it holds a meta.json); overrides both
     input: str = ""  # the UTF-8 text file to score
     stride: int = 0  # tokens between window starts; 0 is block_size // 2
     batch_size: int = 8  # windows per forward pass (same result, only speed and memory change)
+    progress: bool = True  # a progress bar over the windows (drawn only on a terminal)
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it (else float16), float32 elsewhere
 
@@ -64,9 +68,10 @@ def batches(spans, batch_size):
 
 
 @torch.no_grad()
-def score_text(model, enc_ids, block_size, stride, device, ctx, batch_size=8):
+def score_text(model, enc_ids, block_size, stride, device, ctx, batch_size=8, progress=None):
     """Total and mean NLL of enc_ids[1:] under model (a language model), windows as in windows().
-    Returns {"tokens", "total_nll", "mean_nll", "perplexity", "bits_per_token"}; NLLs in nats."""
+    Returns {"tokens", "total_nll", "mean_nll", "perplexity", "bits_per_token"}; NLLs in nats. progress: a tqdm-like
+    wrapper for the batches of windows, or None."""
     ids = torch.as_tensor(enc_ids, dtype=torch.long)
     if ids.numel() < 2:
         raise ValueError(f"the text has {ids.numel()} token(s); scoring needs at least 2 (the first is only context)")
@@ -75,7 +80,8 @@ def score_text(model, enc_ids, block_size, stride, device, ctx, batch_size=8):
     was_training = model.training
     model.eval()
     total = 0.0  # a Python float (float64): summing a million per-token NLLs in float32 would lose digits
-    for batch in batches(windows(ids.numel(), block_size, stride), batch_size):
+    todo = batches(windows(ids.numel(), block_size, stride), batch_size)
+    for batch in progress(todo) if progress else todo:
         x = torch.stack([ids[s:e - 1] for s, _, e in batch])  # (B, T)
         y = torch.stack([ids[s + 1:e] for s, _, e in batch])  # (B, T)
         for row, (s, first, _) in enumerate(batch):
@@ -94,19 +100,16 @@ def score_text(model, enc_ids, block_size, stride, device, ctx, batch_size=8):
 
 
 def load(cfg):
-    """(model on the CPU, tokenizer, a name for printing) for the configured source."""
+    """(model on the CPU, tokenizer, a name for printing) for the configured source: --hf_dir, else --ckpt, else
+    --out_dir, each a run folder, a checkpoint file or a Hugging Face GPT-2 directory (checkpoint.locate)."""
+    flag, spec = next((f, v) for f, v in (("--hf_dir", cfg.hf_dir), ("--ckpt", cfg.ckpt), ("--out_dir", cfg.out_dir))
+                      if v or f == "--out_dir")
     try:
-        if cfg.hf_dir:
-            if not Path(cfg.hf_dir).is_dir():
-                raise UserError(f"--hf_dir {cfg.hf_dir} is not a directory: give a Hugging Face GPT-2 folder")
-            enc = tok.from_meta({"tokenizer": "gpt2", "vocab_size": 50257})  # what every GPT-2 checkpoint uses
-            return hf_gpt2.load(cfg.hf_dir), enc, cfg.hf_dir
-        path = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
-        model, meta = checkpoint.load_with_meta(path)
+        model, meta, where = checkpoint.load_with_meta(spec, flag=flag)
         enc = tok.from_meta(meta)
     except ValueError as e:  # tok.TokenizerError is a ValueError too
         raise UserError(str(e))
-    return model, enc, str(path)
+    return model, enc, str(where.path)
 
 
 def read_text(path):
@@ -155,8 +158,9 @@ def score(cfg):
         raise UserError(f"stride={stride} must be between 1 and the model's block_size={block_size} (0: half of it)")
     ids = encode(enc, text, model.config.vocab_size)
     model.to(cfg.device)
+    bar = (lambda items: tqdm(items, disable=None if cfg.progress else True, leave=False, unit="batch"))
     result = score_text(model, ids, block_size, stride, cfg.device, autocast_context(device_type, cfg.dtype),
-                        cfg.batch_size)
+                        cfg.batch_size, bar)
     result["characters"] = scored_chars(enc, text, ids)
     result["bits_per_char"] = result["total_nll"] / math.log(2) / max(1, result["characters"])
     print(f"{name} on {cfg.input}: block_size {block_size}, stride {stride}, {cfg.device} {cfg.dtype}")
