@@ -25,9 +25,9 @@ from sologpt.checkpoint import load_source
 
 
 def check(cfg):
-    if cfg.teacher and (cfg.task != "lm" or not Path(cfg.teacher).exists()):
+    if cfg.teacher and (cfg.task not in ("lm", "sft") or not Path(cfg.teacher).exists()):
         raise ValueError(f"teacher={cfg.teacher!r} must be an existing checkpoint file or GPT-2 directory, "
-                         f"with task 'lm'")
+                         f"with task 'lm' or 'sft'")
     if not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_temperature <= 0:
         raise ValueError("distill_alpha must be in [0, 1] and distill_temperature above 0")
 
@@ -64,8 +64,8 @@ def load_teacher(source, device, vocab_size, block_size):
         raise ValueError(f"teacher {source} does not exist: give a sologpt checkpoint file or a GPT-2 directory")
     teacher = load_source(source)  # a directory loads as GPT-2, a file as a sologpt checkpoint of any kind
     c = teacher.config
-    if c.n_classes > 0:
-        raise ValueError(f"teacher {source} is a classifier: distillation needs a language model teacher")
+    if c.n_classes > 0 or c.n_tags > 0:
+        raise ValueError(f"teacher {source} is a classifier or tagger: distillation needs a language model teacher")
     if c.vocab_size != vocab_size:
         raise ValueError(f"teacher has a vocabulary of {c.vocab_size} tokens, the student {vocab_size}: "
                          f"distill between models that share a tokenizer")

@@ -60,8 +60,8 @@ def save(model, path):
     if c.modern_options():
         raise ValueError(f"a model with {', '.join(c.modern_options())} cannot be exported as GPT-2, which has "
                          f"none of these: keep the sologpt checkpoint (sample.py and tools/score.py read it)")
-    if c.n_classes > 0:
-        raise ValueError("a classifier (n_classes > 0) cannot be exported as GPT2LMHeadModel")
+    if c.n_classes > 0 or c.n_tags > 0:
+        raise ValueError("a classifier or tagger (task 'classify' or 'tag') cannot be exported as GPT2LMHeadModel")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,

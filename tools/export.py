@@ -3,12 +3,16 @@ adapters merged into the weights.
 
     python -m tools.export --out_dir=out --hf_dir=gpt2-mine           # GPT2LMHeadModel.from_pretrained loads it
     python -m tools.export --out_dir=out-lora --merged_ckpt=merged.pt  # adapters folded in: no base needed
+
+A model fine-tuned on conversations (task="sft") takes its chat template along: tokenizer_config.json's
+"chat_template" renders conversations as its training data was (tokenizer.apply_chat_template).
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sologpt import checkpoint, hf_gpt2
+from sologpt import chat, checkpoint, hf_gpt2, tokenizer
 from sologpt.configurator import UserError, run_cli
 
 
@@ -35,6 +39,7 @@ def export(cfg):
         if cfg.hf_dir:
             hf_gpt2.save(model, cfg.hf_dir)
             print(f"wrote {cfg.hf_dir} (Hugging Face GPT-2)")
+            write_chat_template(cfg.hf_dir, path, ckpt, [cfg.out_dir])
     except ValueError as e:
         raise UserError(str(e))
     except OSError as e:
@@ -50,6 +55,24 @@ def export(cfg):
             "iter_num": ckpt["iter_num"],
             "best_val_loss": ckpt["best_val_loss"]})
         print(f"wrote {cfg.merged_ckpt} (sologpt checkpoint, full weights)")
+
+
+def write_chat_template(hf_dir, path, ckpt, also):
+    """The run's chat template (if its meta.json has one) as "chat_template" in hf_dir/tokenizer_config.json, added
+    to what the file already holds (or a new file)."""
+    try:
+        meta = tokenizer.load_meta(tokenizer.find_meta(path, ckpt, also))
+    except tokenizer.TokenizerError:
+        return  # no meta.json: nothing says there is a template
+    template = chat.template_of(meta)
+    if template is None:
+        return
+    config_path = Path(hf_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config["chat_template"] = chat.hf_template(template)
+    config.setdefault("eos_token", template["end"])  # where an answer ends: generation stops there
+    checkpoint.write_json(config_path, config)
+    print(f"wrote {config_path} (chat template; answers end with {template['end']!r})")
 
 
 def main(argv=None):
