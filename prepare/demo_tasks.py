@@ -9,7 +9,7 @@ writes into --out:
   tiny-shakespeare's lines, the training reviews of sentence_polarity, and the first 80% of the lines of the
   Universal Declaration of Human Rights in 16 languages. Nothing of the held-out parts below is in it.
 - instruct_{train,val}.jsonl: {"prompt", "response", "task"}, four tasks with one right answer each:
-  sentiment   "Is this review positive or negative?" + a review (180 characters at most) -> positive / negative
+  sentiment   "Is this review positive or negative?" + a review (120 characters at most) -> positive / negative
               (all the training reviews that short; of the val reviews, those among the first 450)
   language    "Which language is this?" + 3 to 8 words (CJK: 6 to 16 characters) of one declaration -> English, ...
   first_word  "What is the first word of this line?" + a line of the play -> its first word (without punctuation)
@@ -36,7 +36,7 @@ NO_SPACES = ("cmn_hans", "jpn")  # written without spaces between words: snippet
 TAG_LANGUAGES = ("fra", "deu", "spa", "pol", "tur", "swh", "vie")  # Latin script: the spelling must tell them apart
 COUNTS = {"sentiment": (None, 450), "language": (4000, 200), "first_word": (4000, 200), "last_word": (4000, 200),
           "tags": (6000, 600)}  # (train, val) rows per task; None: every training review short enough
-MAX_REVIEW = 180  # characters: with the template, every sentiment example then fits block_size=256
+MAX_REVIEW = 120  # characters: with the template, every example then fits block_size=192
 PUNCT = ".,;:!?'\"-()"
 
 

@@ -149,7 +149,7 @@ def batch_source(cfg, data, d=Dist()):
     if cfg.task == "classify":
         return classify.Rows(train, cfg, generator, d)
     if cfg.task == "sft":  # conversations, padded, with the loss mask in the targets
-        return sft.source(train, cfg, generator, d)
+        return sft.source(data.splits, cfg, generator, d)
     if cfg.task == "tag":
         return tag.source(train, cfg, generator, d)
     if cfg.seq_warmup_iters:

@@ -5,7 +5,8 @@
      last_eval_iter, skipped_steps, elapsed_s, train_config, rng: {torch, cuda, batches}}
 
 Tensors and plain values only, so torch.load(weights_only=True) reads it: no pickled code is ever run. Kinds:
-- full: "model" is the whole state dict (model_config's n_classes > 0: a classifier, sologpt/classify.py);
+- full: "model" is the whole state dict (model_config's n_classes > 0: a classifier, sologpt/classify.py; n_tags > 0:
+  a tagger, sologpt/tag.py);
 - LoRA run: "model" holds only the trainable tensors that are not adapters (e.g. a classification head), "adapter"
   the adapter file's contents (sologpt/lora.py); the frozen base is rebuilt from "init_source";
 - low-precision base (train_config base_dtype bf16/int8): frozen block weights saved as they were trained;
@@ -34,8 +35,7 @@ FORMAT_VERSION = 1  # bump when the layout changes
 # train_config fields a resumed run must share with its checkpoint: they decide which tensors exist, train, or how
 # they are stored
 RESUME_FIXED = ("task", "cls_pool", "sft_loss", "freeze_layers", "freeze_embeddings", "lora_rank", "lora_alpha",
-                "lora_targets",
-                "optim_state", "base_dtype", "qat", "qat_group_size", "fp8", "fp8_head", "optimizer")
+                "lora_targets", "optim_state", "base_dtype", "qat", "qat_group_size", "fp8", "fp8_head", "optimizer")
 ARCH_FIELDS = ("rope", "norm", "qk_norm", "mlp_act", "tie_embeddings")  # model.py's architecture options
 SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", *ARCH_FIELDS)
 # GPTConfig fields left out of a checkpoint while at their defaults, so a plain model's checkpoint stays readable by

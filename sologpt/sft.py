@@ -6,7 +6,7 @@ The model stays a plain GPT and the training step the plain step: the loss mask 
 sft_loss="all" every real token is learned (the prompt too), as plain language-model fine-tuning on the same text.
 
 Evaluation: the loss on the response tokens (train: eval_iters batches; val: the whole split; the same whatever
-sft_loss, so runs compare), and exact match on held-out conversations: the model answers the last user message
+sft_loss, so runs compare), and exact match on every held-out conversation: the model answers the last user message
 greedily, and a hit is an answer that is the reference token for token, end-of-turn token included (per task too,
 when the rows name tasks).
 """
@@ -69,18 +69,22 @@ def learned_within(split, block_size):
     return c[stop] - c[start]
 
 
-def source(split, cfg, generator, d=Dist()):
-    """The batch source of task "sft", after saying how many examples block_size cuts or drops."""
-    T = cfg.block_size
+def source(splits, cfg, generator, d=Dist()):
+    """The batch source of task "sft", after saying how many examples block_size cuts or drops (and how many val
+    examples exact match cannot ask)."""
+    T, split = cfg.block_size, splits["train"]
     lengths = np.diff(split.offsets)
     pool = np.flatnonzero(learned_within(split, T) > 0)
     if not len(pool):
         raise ValueError(f"no training example has a response token within block_size={T} tokens: raise block_size")
     if d.main:
         cut, dropped = int((lengths > T + 1).sum()), len(split) - len(pool)
+        val = splits["val"]
+        unasked = sum(sum(map(len, last_answer(*val.example(i)))) > T for i in range(len(val)))
         print(f"sft: {len(pool):,} of {len(split):,} train examples; {cut:,} longer than block_size + 1 = {T + 1} "
               f"tokens, cut there; {dropped:,} dropped (no response token within); "
-              f"{examples.padding_line(lengths[pool] - 1, T)}")
+              f"{examples.padding_line(lengths[pool] - 1, T)}. val: {len(val):,} examples, "
+              f"{int((np.diff(val.offsets) > T + 1).sum()):,} cut; {unasked:,} too long for exact match")
     return examples.Source(pool, lambda rows: make_batch(split, rows, T, cfg.sft_loss == "all", cfg.device), cfg,
                            generator, d)
 
@@ -118,24 +122,31 @@ def last_answer(tokens, mask):
 
 @torch.no_grad()
 def exact_match(model, split, cfg, ctx, end, task_names=None, d=Dist(), batched=True):
-    """{"val_exact_match": ..., "val_exact_match_<task>": ...} over eval_iters * batch_size val examples (spread over
-    the split): greedy answers to each example's last user message against its reference. Examples whose prompt
-    and answer do not fit block_size are skipped."""
+    """{"val_exact_match": ..., "val_exact_match_<task>": ...} over every val example: greedy answers to each one's
+    last user message against its reference. Examples whose prompt and answer do not fit block_size are skipped (the
+    run's setup line counts them)."""
     items = []
-    for i in examples.spread(len(split), cfg.eval_iters * cfg.batch_size):
+    for i in range(len(split)):
         prompt, ref = last_answer(*split.example(i))
         if len(prompt) + len(ref) <= cfg.block_size:
             items.append((i, prompt, ref))
     if not items:
         return {}
+    batches = [[]]  # batch_size examples at a time, as long as the longest prompt plus the longest answer fit
+    for item in items:
+        trial = batches[-1] + [item]
+        if len(trial) > cfg.batch_size or max(len(p) for _, p, _ in trial) + max(len(r) for *_, r in trial) \
+                > cfg.block_size:
+            batches.append([item])
+        else:
+            batches[-1] = trial
     n_tasks = len(task_names or ())
     hits = torch.zeros(2, 1 + n_tasks, dtype=torch.float64)  # (hits, examples) overall and per task
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if cfg.device.startswith("cuda") \
         else None
-    for k, start in enumerate(range(0, len(items), cfg.batch_size)):
+    for k, batch in enumerate(batches):
         if k % d.world != d.rank:
             continue
-        batch = items[start:start + cfg.batch_size]
         answers = respond(model, [p for _, p, _ in batch], max(len(r) for _, _, r in batch), end, ctx, cfg.device,
                           dtype=dtype, batched=batched)
         for (i, _, ref), answer in zip(batch, answers):

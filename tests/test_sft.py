@@ -272,3 +272,24 @@ def test_two_ranks_evaluate_and_train_as_one_process(copy_data, tmp_path):
     assert 0.1 < a[0]["val_exact_match"] < 0.9 and a[0]["val_exact_match"] == b[0]["val_exact_match"]
     assert abs(a[0]["val_loss"] - b[0]["val_loss"]) < 1e-5 and abs(a[1]["val_loss"] - b[1]["val_loss"]) < 2e-3
     assert read_checkpoint(tmp_path / "two" / "ckpt.pt")["world_size"] == 2
+
+
+def test_exact_match_batches_only_what_fits_the_context():
+    """A long prompt with a short answer and a short prompt with a long answer each fit block_size, together they do
+    not: they are asked in separate batches. The references are the model's own greedy answers, so every one is a
+    hit, asked together or one at a time; the last one is wrong in its last token."""
+    from types import SimpleNamespace
+    model = perturbed_model(block_size=48)
+    rng = np.random.default_rng(0)
+    ctx = torch.autocast("cpu", enabled=False)
+    rows = []
+    for p, r in [(44, 3), (10, 30), (20, 5), (40, 8)]:  # (prompt, answer) lengths
+        prompt = rng.integers(1, 64, p).tolist()
+        rows.append((prompt, sft.respond(model, [prompt], r, -1, ctx, "cpu")[0]))  # -1: no end token
+    rows[-1][1][-1] = (rows[-1][1][-1] + 1) % 64
+    tokens = np.array([t for p, a in rows for t in p + a], dtype=np.uint16)
+    mask = np.array([f for p, a in rows for f in [0] * len(p) + [1] * len(a)], dtype=np.uint8)
+    split = examples.Split(tokens, np.r_[0, np.cumsum([len(p) + len(a) for p, a in rows])], mask, None)
+    for b in (4, 1):
+        cfg = SimpleNamespace(batch_size=b, block_size=48, device="cpu", dtype="float32")
+        assert sft.exact_match(model, split, cfg, ctx, end=-1) == {"val_exact_match": 0.75}
