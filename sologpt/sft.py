@@ -109,6 +109,21 @@ def respond(model, prompts, max_new_tokens, end, ctx, device, temperature=0.0, t
     return out
 
 
+def fitting_batches(items, sizes, batch_size, block_size):
+    """items in order, batch_size at a time, each batch closed early where its longest prompt plus its longest answer
+    would not fit block_size (the engine runs every row as long as the longest answer). sizes: (prompt length,
+    answer length) of each item, which fit alone."""
+    batches, longest = [[]], (0, 0)
+    for item, (p, a) in zip(items, sizes):
+        grown = (max(longest[0], p), max(longest[1], a))
+        if batches[-1] and (len(batches[-1]) == batch_size or sum(grown) > block_size):
+            batches.append([])
+            grown = (p, a)
+        batches[-1].append(item)
+        longest = grown
+    return batches
+
+
 def last_answer(tokens, mask):
     """(prompt, reference) of an example: the last run of learned tokens is the final answer (with its end token);
     everything before it is the prompt that asks for it."""
@@ -132,14 +147,7 @@ def exact_match(model, split, cfg, ctx, end, task_names=None, d=Dist(), batched=
             items.append((i, prompt, ref))
     if not items:
         return {}
-    batches = [[]]  # batch_size examples at a time, as long as the longest prompt plus the longest answer fit
-    for item in items:
-        trial = batches[-1] + [item]
-        if len(trial) > cfg.batch_size or max(len(p) for _, p, _ in trial) + max(len(r) for *_, r in trial) \
-                > cfg.block_size:
-            batches.append([item])
-        else:
-            batches[-1] = trial
+    batches = fitting_batches(items, [(len(p), len(r)) for _, p, r in items], cfg.batch_size, cfg.block_size)
     n_tasks = len(task_names or ())
     hits = torch.zeros(2, 1 + n_tasks, dtype=torch.float64)  # (hits, examples) overall and per task
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if cfg.device.startswith("cuda") \
@@ -230,10 +238,13 @@ def _json(line):
 
 def prompt_ids(enc, template, messages, max_new_tokens, block_size):
     """(prompt ids, answer budget, turns dropped): the conversation with the assistant's prefix, its oldest turns
-    dropped until the prompt leaves room for the answer. The budget is max_new_tokens, or less when even the last
-    message leaves less room (at least a quarter of block_size is kept for the answer)."""
+    dropped until the prompt leaves room for max_new_tokens (or a quarter of block_size, if less). The budget is
+    max_new_tokens, or what block_size leaves: a last message too long for that room keeps what room there is."""
     room = min(max_new_tokens, block_size // 4)
-    messages, dropped = chat.fit(enc, template, messages, room, block_size)
+    try:
+        messages, dropped = chat.fit(enc, template, messages, room, block_size)
+    except chat.ChatError:  # the last message alone leaves less: answer in what is left, if anything is
+        messages, dropped = chat.fit(enc, template, messages, 1, block_size)
     ids = chat.encode(enc, template, messages, generation_prompt=True)[0]
     return ids, min(max_new_tokens, block_size - len(ids)), dropped
 
@@ -243,16 +254,17 @@ def chat_prompts(cfg, model, enc, template, ctx, text_of, generator, dtype=None)
     end = chat.end_id(enc, template)
     bs = model.config.block_size
     jobs = [prompt_ids(enc, template, conv, cfg.max_new_tokens, bs) for conv in read_conversations(cfg, text_of)]
+    for i, (_, budget, _) in enumerate(jobs):
+        if budget < min(cfg.max_new_tokens, bs // 4):
+            print(f"note: prompt {i + 1} leaves {budget} tokens of block_size={bs} for its answer", file=sys.stderr)
     answers = []
-    for start in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[start:start + cfg.batch_size]
-        budget = min(b for _, b, _ in batch)
-        rows = respond(model, [ids for ids, _, _ in batch], budget, end, ctx, cfg.device, cfg.temperature, cfg.top_k,
-                       cfg.top_p, generator, dtype)
-        for (_, _, dropped), row in zip(batch, rows):
+    for batch in fitting_batches(jobs, [(len(ids), budget) for ids, budget, _ in jobs], cfg.batch_size, bs):
+        rows = respond(model, [ids for ids, _, _ in batch], max(b for _, b, _ in batch), end, ctx, cfg.device,
+                       cfg.temperature, cfg.top_k, cfg.top_p, generator, dtype)
+        for (_, budget, dropped), row in zip(batch, rows):
             if dropped:
                 print(f"note: {dropped} oldest turn(s) left out to fit block_size={bs}", file=sys.stderr)
-            answers.append(enc.decode([t for t in row if t != end]))
+            answers.append(enc.decode([t for t in row[:budget] if t != end]))
             print(answers[-1])
             print("-" * 40)
     return answers

@@ -293,3 +293,18 @@ def test_exact_match_batches_only_what_fits_the_context():
     for b in (4, 1):
         cfg = SimpleNamespace(batch_size=b, block_size=48, device="cpu", dtype="float32")
         assert sft.exact_match(model, split, cfg, ctx, end=-1) == {"val_exact_match": 0.75}
+
+
+def test_system_message_and_chat_off(copy_model, tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "q"}]}, {"prompt": "p"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = load_config(sample_mod.SampleConfig, [f"--prompts={tmp_path / 'p.jsonl'}", "--system=Be brief."])
+    assert [[m["content"] for m in c] for c in sft.read_conversations(cfg, sample_mod.read_file)] == [
+        ["own", "q"], ["Be brief.", "p"]]
+    cfg = load_config(sample_mod.SampleConfig, ["--start=hi", "--num_samples=2"])
+    assert sft.read_conversations(cfg, sample_mod.read_file) == [[{"role": "user", "content": "hi"}]] * 2
+    # --chat=False: the plain language model that the fine-tuned weights still are
+    out = sample_mod.sample(load_config(sample_mod.SampleConfig, [f"--out_dir={copy_model}", "--device=cpu",
+                                                                  "--chat=False", "--start=abc", "--num_samples=1",
+                                                                  "--max_new_tokens=3"]))
+    assert len(out) == 1 and out[0].startswith("abc") and len(out[0]) == 6
