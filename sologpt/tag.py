@@ -28,6 +28,7 @@ class Tagger(GPT):
         logits = self.tag_head(x)  # (B, T, n_tags)
         loss = None
         if targets is not None:
+            # (B*T, n_tags) against (B*T,): untagged tokens and padding (-1) count nothing
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
