@@ -40,11 +40,11 @@ def train(args, out, what, *flags):
     """A run's metrics; a finished run of an earlier call with the same --work is read, not repeated."""
     metrics = Path(out) / "metrics.jsonl"
     steps = next(int(f.split("=")[1]) for f in flags if f.startswith("--max_iters="))
-    if not (metrics.is_file() and json.loads(metrics.read_text().splitlines()[-1])["iter"] == steps
-            and (Path(out) / "ckpt.pt").is_file()):
+    evals = lambda: [m for m in map(json.loads, metrics.read_text().splitlines()) if m.get("kind", "eval") == "eval"]
+    if not (metrics.is_file() and (Path(out) / "ckpt.pt").is_file() and evals() and evals()[-1]["iter"] == steps):
         run([ROOT / "train.py", *MODEL, f"--device={args.device}", f"--data_root={args.work / 'data'}",
              f"--out_dir={out}", *flags], what)
-    return [json.loads(x) for x in metrics.read_text().splitlines()]
+    return evals()  # lines without a "kind" are evaluations
 
 
 FORM = {"sentiment": lambda a: a in ("positive", "negative"), "language": lambda a: a in LANGUAGES.values(),
@@ -64,7 +64,8 @@ def answers(args, out):
 
 
 def row(name, m, checked=None):
-    cells = [f"{m['val_exact_match']:.3f}", *(f"{m[f'val_exact_match_{t}']:.3f}" for t in TASKS), f"{m['val_loss']:.3f}"]
+    cells = [f"{m['val_exact_match']:.3f}", *(f"{m[f'val_exact_match_{t}']:.3f}" for t in TASKS),
+             f"{m['val_loss']:.3f}"]
     if checked is not None:
         hits, form = checked
         if hits != m["val_exact_match"]:  # other batches: float rounding may flip a near tie, never much more

@@ -26,6 +26,12 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
                 {"role": "assistant", "content": " Yes, it is."}]
 
 
+def evaluations(out):
+    """The evaluation records of a run's metrics.jsonl (lines without a "kind" are evaluations)."""
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if m.get("kind", "eval") == "eval"]
+
+
 def write_rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
@@ -179,7 +185,7 @@ def test_batches_mask_the_prompt_cut_long_examples_and_drop_those_with_nothing_t
 # ---- training, evaluation, sampling -----------------------------------------------------------------------------
 
 def test_sft_learns_to_answer_and_sample_chats(copy_model, capsys, tmp_path):
-    lines = [json.loads(x) for x in (copy_model / "metrics.jsonl").read_text().splitlines()]
+    lines = evaluations(copy_model)
     assert lines[0]["val_exact_match"] == 0.0 and lines[-1]["val_exact_match"] >= 0.9, lines
     assert lines[-1]["val_exact_match_even"] >= 0.9 and lines[-1]["val_exact_match_odd"] >= 0.9
     assert lines[-1]["val_loss"] < 0.2 * lines[0]["val_loss"]
@@ -219,7 +225,7 @@ def test_sft_trains_with_the_fine_tuning_switches(copy_data, copy_model, tmp_pat
     out = tmp_path / "out"
     run_train(flags(copy_data, out, f"--init_from={copy_model / 'ckpt.pt'}", "--max_iters=4", "--eval_interval=4",
                     "--learning_rate=1e-3", *extra))
-    m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    m = evaluations(out)
     assert m[-1]["val_exact_match"] >= 0.9  # starting from the trained model, the switches keep what it knows
     assert read_checkpoint(out / "ckpt.pt")["train_config"]["task"] == "sft"
 
@@ -268,7 +274,7 @@ def test_two_ranks_evaluate_and_train_as_one_process(copy_data, tmp_path):
                           str(REPO / "train.py"), *two], cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
-    a, b = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two"))
+    a, b = (evaluations(tmp_path / n) for n in ("one", "two"))
     assert 0.1 < a[0]["val_exact_match"] < 0.9 and a[0]["val_exact_match"] == b[0]["val_exact_match"]
     assert abs(a[0]["val_loss"] - b[0]["val_loss"]) < 1e-5 and abs(a[1]["val_loss"] - b[1]["val_loss"]) < 2e-3
     assert read_checkpoint(tmp_path / "two" / "ckpt.pt")["world_size"] == 2
