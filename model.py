@@ -2,7 +2,7 @@
 
 Shapes use B = batch, T = time (sequence), C = channels (n_embd), nh = heads, hs = head size.
 This file does no I/O and imports nothing else of the project: checkpoints live in sologpt/checkpoint.py,
-Hugging Face GPT-2 weights in sologpt/hf_gpt2.py, task heads (a classifier) in sologpt/classify.py.
+Hugging Face GPT-2 weights in sologpt/hf_gpt2.py, task heads in sologpt/classify.py and sologpt/tag.py.
 """
 
 import math
@@ -36,9 +36,10 @@ class GPTConfig:
     # how the model trains (same weights, same function up to rounding)
     grad_checkpointing: int = 0  # k > 0: every k-th block keeps only its input and recomputes the rest in backward
     residual_bf16: bool = False  # under bf16 autocast the residual stream is bf16, not float32 (faster, less memory)
-    # a task head (sologpt/classify.py builds the model with it; plain GPT ignores these)
+    # a task head (sologpt/classify.py and sologpt/tag.py build the model with it; plain GPT ignores these)
     n_classes: int = 0  # > 0: a classifier with this many classes (task "classify")
     cls_pool: str = "last"  # what the head reads: the "last" real token's hidden state, or the "mean" over tokens
+    n_tags: int = 0  # > 0: a tagger with this many tags, one per token (task "tag")
 
     @property
     def padded_vocab_size(self):

@@ -8,7 +8,12 @@ Reads out_dir/ckpt.pt (weights_only=True) and the tokenizer from out_dir/meta.js
 Any checkpoint kind loads (sologpt/checkpoint.py): a full model, a LoRA run (its base is rebuilt and the adapters
 merged in) or a quantized file (--ckpt=out/ckpt_int8.pt). The prompts go through the batched engine
 (sologpt/inference.py): KV cache, left padding, a CUDA-graph decode step. A classifier (train.py task="classify")
-prints each prompt line's label instead.
+prints each prompt line's label instead, a tagger (task="tag") each word's tag. A model fine-tuned on conversations
+(task="sft") chats: prompts are user messages rendered with the chat template of its meta.json, answers end at the
+end-of-turn token (sologpt/sft.py):
+
+    python sample.py --out_dir=out-sft --prompts=questions.txt --temperature=0   # one answer per line
+    python sample.py --out_dir=out-sft --interactive=True                         # a conversation on the terminal
 """
 
 import json
@@ -18,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sologpt import checkpoint, tokenizer as tok
+from sologpt import chat, checkpoint, sft, tag, tokenizer as tok
 from sologpt.configurator import UserError, resolve_auto_bool, run_cli
 from sologpt.hardware import autocast_context, resolve_device
 from sologpt.inference import Engine
@@ -39,6 +44,10 @@ class SampleConfig:
     batch_size: int = 16  # rows generated together (samples of one prompt, or prompts from the file)
     stop: str = ""  # cut each sample after this text; "<|endoftext|>" also stops generating at GPT-2's end token
     stream: bool | str = "auto"  # print tokens as they arrive (one prompt, one sample); "auto": on a terminal
+    chat: bool | str = "auto"  # prompts are user messages in the chat template of meta.json (a task "sft" model);
+    # answers stop at its end-of-turn token; "auto": when meta.json has a template
+    interactive: bool = False  # chat on the terminal; the conversation is kept within block_size (oldest turns go)
+    system: str = ""  # chat: a system message before each conversation
     cuda_graph: bool | str = "auto"  # replay the one-token decode step as a CUDA graph; "auto": on CUDA
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it (else float16), float32 elsewhere
@@ -54,6 +63,8 @@ def load_model(cfg, device):
     except ValueError as e:  # a tokenizer error is one too
         raise UserError(str(e))
     enc.labels = meta.get("labels")  # class names of a classifier
+    enc.tags = meta.get("tags")  # tag names of a tagger
+    enc.chat = meta.get("chat_template")  # the chat template of a model fine-tuned on conversations
     return model.to(device).eval(), enc
 
 
@@ -113,6 +124,15 @@ def sample(cfg):
     model, enc = load_model(cfg, cfg.device)
     if model.config.n_classes > 0:
         return classify_lines(cfg, model, enc, ctx)
+    if model.config.n_tags > 0:
+        try:
+            return tag.tag_lines(model, enc, enc.tags, input_lines(cfg, "tag"), ctx, cfg.device)
+        except ValueError as e:  # a word the tokenizer cannot encode
+            raise UserError(f"prompt: {e}")
+    if resolve_auto_bool("chat", cfg.chat, enc.chat is not None):
+        return chat_mode(cfg, model, enc, ctx, device_type)
+    if cfg.interactive:
+        raise UserError("interactive=True is a chat mode: it needs a model fine-tuned with task='sft' (and chat on)")
     prompts = read_prompts(cfg, enc)
     bs = model.config.block_size
     for i, (ids, skip) in enumerate(prompts):
@@ -185,14 +205,37 @@ class Streamer:
         print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text)
 
 
+def chat_mode(cfg, model, enc, ctx, device_type):
+    """Answers to the prompts (sologpt/sft.py), or a conversation on the terminal with --interactive=True."""
+    if enc.chat is None:
+        raise UserError("chat=True needs a model fine-tuned on conversations (task='sft'): its meta.json has no "
+                        "chat_template")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if device_type == "cuda" else None
+    try:
+        template = chat.template_of({"chat_template": enc.chat})
+        if cfg.interactive:
+            return sft.interactive(cfg, model, enc, template, ctx, gen, dtype)
+        return sft.chat_prompts(cfg, model, enc, template, ctx, read_file, gen, dtype)
+    except ValueError as e:  # a bad prompt row, a message that does not fit, a character the vocabulary lacks
+        raise UserError(f"chat: {e}")
+
+
+def input_lines(cfg, what):
+    """The non-empty lines of --prompts, or of --start."""
+    text = read_file(cfg.prompts) if cfg.prompts else prompt_text(cfg)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"nothing to {what}: pass --start='some text' or --start=FILE:lines.txt")
+    return lines
+
+
 @torch.no_grad()
 def classify_lines(cfg, model, enc, ctx):
     """A classifier's label for each non-empty line of the prompt, with the class probabilities (texts of several
     lines, whole files of them, accuracy: python -m tools.evaluate --input=rows.jsonl)."""
-    text = read_file(cfg.prompts) if cfg.prompts else prompt_text(cfg)
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise UserError("nothing to classify: pass --start='some text' or --start=FILE:lines.txt")
+    lines = input_lines(cfg, "classify")
     results = []
     for line in lines:
         try:  # the tokens and end marker prepare/classify.py gave the training rows

@@ -65,8 +65,10 @@ class TrainConfig:
     seq_warmup_start: int = 64  # with the batch widened so the tokens per step stay the same
     curriculum: str = "none"  # "unigram": the first epoch visits the windows easiest first, then random batches
     # ---- fine-tuning (sologpt/build.py); all off by default
-    task: str = "lm"  # "lm" (next-token prediction) or "classify" (prepare/classify.py data, classification head)
+    task: str = "lm"  # "lm" (next-token prediction), "classify" (prepare/classify.py data, classification head),
+    # "sft" (prepare/instruct.py conversations, loss on the responses) or "tag" (prepare/tags.py, a tag per token)
     cls_pool: str = "last"  # task "classify": the head reads the "last" token's hidden state or the "mean" of all
+    sft_loss: str = "response"  # task "sft": learn the "response" tokens only (the loss mask) or "all" tokens
     freeze_layers: int = 0  # freeze the first N transformer blocks
     freeze_embeddings: bool = False  # freeze the token and position embeddings (and so the tied output layer)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank (sologpt/lora.py) on a frozen base; ckpt.pt holds
@@ -222,7 +224,7 @@ def train(cfg):
             del ckpt  # free the CPU copy of the weights and optimizer state
     except ValueError as e:
         raise UserError(str(e))
-    evaluate = build.evaluator(cfg, data, d)  # evaluate(model, ctx) -> {"train_loss": ..., "val_loss": ..., ...}
+    evaluate = build.evaluator(cfg, data, d, model)  # evaluate(model, ctx) -> {"train_loss": ..., "val_loss": ...}
     step_model = torch.compile(loss_model) if cfg.compile else loss_model  # `model` stays uncompiled for saving
     step = functools.partial(train_step, step_model, optimizer, scaler, ctx=ctx, grad_clip=cfg.grad_clip)
     step = distributed.sync_on_last(step, loss_model)  # DDP: exchange gradients after the last micro-batch only

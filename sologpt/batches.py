@@ -4,8 +4,8 @@ each optimizer step, and the language model's evaluation.
 A batch source is called once per step and returns that step's micro-batches, each (x, y, kw): inputs, targets
 and the keyword arguments the model's forward takes besides them (a classifier's row lengths). Its generator draws
 the random windows; its state goes into the checkpoint, so a resumed run sees the same batches. Windows (here) is
-the plain one; classification rows (classify.py) and the curriculum's sources (curriculum.py) are the others, and
-sologpt/build.py picks one per run.
+the plain one; classification rows (classify.py), examples (examples.py: sft.py, tag.py) and the curriculum's
+sources (curriculum.py) are the others, and sologpt/build.py picks one per run.
 """
 
 import math
@@ -18,11 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sologpt import classify, tokenizer as tok
+from sologpt import classify, examples, sft, tag, tokenizer as tok
 from sologpt.configurator import UserError
 from sologpt.distributed import Dist
 
-PREPARE_HELPERS = ("__init__", "common", "clean", "dedup", "text", "classify")  # prepare/ modules that are not one dataset
+# prepare/ modules that are not one dataset
+PREPARE_HELPERS = ("__init__", "common", "clean", "dedup", "text", "classify", "examples", "instruct", "tags",
+                   "demo_tasks")
+# the tasks whose data are examples rather than one token stream: their split loader and prepare script
+EXAMPLE_TASKS = {"classify": (classify.load_split, "classify"), "sft": (sft.load_split, "instruct"),
+                 "tag": (tag.load_split, "tags")}
 
 
 @dataclass
@@ -65,19 +70,23 @@ def load_dataset(cfg, d=Dist()):
     if meta.get("dtype", "uint16") not in ("uint16", "uint32"):
         raise UserError(f"{data_dir}/meta.json has dtype={meta['dtype']!r}; token files are uint16 or uint32: "
                         f"{hint} again")
-    if (meta.get("task", "lm") == "classify") != (cfg.task == "classify"):
-        fix = "task='classify'" if cfg.task == "lm" else "a dataset from prepare/classify.py"
+    if meta.get("task", "lm") != cfg.task:
+        fix = f"task={meta.get('task', 'lm')!r}" if meta.get("task", "lm") in ("lm", *EXAMPLE_TASKS) else "other data"
+        if cfg.task in EXAMPLE_TASKS:
+            fix += f", or a dataset from prepare/{EXAMPLE_TASKS[cfg.task][1]}.py"
         raise UserError(f"{data_dir} holds {meta.get('task', 'lm')!r} data but task={cfg.task!r}: use {fix}")
-    if cfg.task == "classify":  # labelled examples instead of one token stream
-        labels = meta.get("labels")
-        if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
-            raise UserError(f"{data_dir}/meta.json has no list of at least two label names: run python "
-                            f"prepare/classify.py again")
+    if cfg.task in EXAMPLE_TASKS:  # labelled examples instead of one token stream
+        if cfg.task == "classify":
+            labels = meta.get("labels")
+            if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
+                raise UserError(f"{data_dir}/meta.json has no list of at least two label names: run python "
+                                f"prepare/classify.py again")
+        load_split = EXAMPLE_TASKS[cfg.task][0]
         try:
-            splits = {split: classify.load_split(data_dir, split, meta) for split in ("train", "val")}
-        except classify.ClassifyError as e:
+            splits = {split: load_split(data_dir, split, meta) for split in ("train", "val")}
+        except (classify.ClassifyError, examples.ExampleError) as e:
             raise UserError(str(e))
-        max_id = max(int(tokens.max()) for tokens, _, _ in splits.values())  # from the data, as below
+        max_id = max(int((s.tokens if hasattr(s, "tokens") else s[0]).max()) for s in splits.values())  # from the data
         if max_id >= meta["vocab_size"]:
             raise UserError(f"{data_dir} holds token id {max_id} but {data_dir / 'meta.json'} says vocab_size="
                             f"{meta['vocab_size']}: {hint} again")

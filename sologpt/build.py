@@ -4,13 +4,14 @@ swap, a wrapper, a batch source or an evaluation, so the training loop itself na
 1. build_model: the start point - new weights ("scratch"), the checkpoint being resumed, a Hugging Face GPT-2
    directory, or another run's checkpoint file (its weights, with a fresh optimizer and schedule) - then the
    switches that change which weights exist, train or how they are stored, in this fixed order: task head
-   (classify.py), freezing (freeze.py), LoRA adapters (lora.py), fake quantization (qat, quantize.py), low-precision
-   frozen weights (base_dtype, memory.py), the resumed weights, fp8 matmuls (fp8.py). Checkpoint keys never change.
+   (classify.py, tag.py), freezing (freeze.py), LoRA adapters (lora.py), fake quantization (qat, quantize.py),
+   low-precision frozen weights (base_dtype, memory.py), the resumed weights, fp8 matmuls (fp8.py). Checkpoint keys
+   never change.
 2. loss_model: what the training step calls, forward(x, y, **kw) -> (logits, loss): the model itself, or a
    wrapper that computes the loss chunk by chunk (chunked_loss, chunked_ce.py) or mixes in a teacher's soft labels
    (teacher, distill.py).
-3. batch_source: each step's micro-batches: random windows (batches.py), classification rows (classify.py), or a
-   curriculum (curriculum.py).
+3. batch_source: each step's micro-batches: random windows (batches.py), classification rows (classify.py),
+   padded conversations with the loss mask (sft.py) or tagged examples (tag.py), or a curriculum (curriculum.py).
 4. evaluator: the evaluation that train.py runs every eval_interval steps, returning a dict of metrics.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from model import GPTConfig
-from sologpt import batches, checkpoint, classify, curriculum, distributed, fp8, lora, memory, quantize
+from sologpt import batches, checkpoint, classify, curriculum, distributed, fp8, lora, memory, quantize, sft, tag
 from sologpt.checkpoint import ARCH_FIELDS
 from sologpt.chunked_ce import ChunkedLoss
 from sologpt.distill import Distill, load_teacher
@@ -34,7 +35,8 @@ WEIGHT_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "vocab_pad_multiple", *A
 def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
     """The run's model, on the CPU, and its init_source ("scratch" or the weights it started from). Sets the shape
     fields of cfg from the weights when those fix it. Raises ValueError with a hint."""
-    head = dict(n_classes=len(meta["labels"]) if cfg.task == "classify" else 0, cls_pool=cfg.cls_pool)
+    head = dict(n_classes=len(meta["labels"]) if cfg.task == "classify" else 0, cls_pool=cfg.cls_pool,
+                n_tags=len(meta["tags"]) if cfg.task == "tag" else 0)
     behaviour = dict(dropout=cfg.dropout, attn_impl=cfg.attn_impl, grad_checkpointing=cfg.grad_checkpointing,
                      residual_bf16=cfg.residual_bf16)  # GPTConfig fields that leave the weights as they are
     init_source = cfg.init_from if ckpt is None else ckpt["init_source"]
@@ -120,23 +122,28 @@ def adopt_weight_fields(cfg, weights, source):
 
 
 def check_same_tokenizer(meta_path, meta, dataset):
-    """Fine-tuning another run's checkpoint: its token ids must mean the same text as the new dataset's."""
+    """Fine-tuning another run's checkpoint: its token ids must mean the same text as the new dataset's. A character
+    table may extend the checkpoint's (prepare/instruct.py and prepare/tags.py --vocab_from append new characters):
+    the old ids keep their meaning and the embedding grows."""
     if not meta_path.is_file():
         return  # nothing to compare (a checkpoint copied without its meta.json)
     src = json.loads(meta_path.read_text(encoding="utf-8"))
     for key in ("tokenizer", "chars", "extra_tokens"):
-        if src.get(key) != meta.get(key):
+        extends = key == "chars" and isinstance(src.get(key), str) and str(meta.get(key)).startswith(src[key])
+        if src.get(key) != meta.get(key) and not extends:
             raise ValueError(f"{meta_path.parent} was trained with another tokenizer than {dataset} ({key} differs): "
                              f"token ids would mean other text; prepare {dataset} with the checkpoint's tokenizer")
 
 
 def add_lora(model, rank, alpha, dropout, targets, adapter=None):
     """LoRA adapters on the target layers (or those of a saved adapter, to resume); every other weight freezes,
-    except a classification head, which is new and must learn. Returns the adapted layer names."""
+    except a classification or tagging head, which is new and must learn. Returns the adapted layer names."""
     names = lora.load_adapter(model, adapter) if adapter is not None else \
         lora.apply_lora(model, rank, alpha, dropout, targets)
     if model.config.n_classes > 0:
         model.cls_head.requires_grad_(True)
+    if model.config.n_tags > 0:
+        model.tag_head.requires_grad_(True)
     return names
 
 
@@ -157,6 +164,10 @@ def batch_source(cfg, data, d=Dist()):
     train = data.splits["train"]
     if cfg.task == "classify":
         return classify.Rows(train, cfg, generator, d)
+    if cfg.task == "sft":  # conversations, padded, with the loss mask in the targets
+        return sft.source(data.splits, cfg, generator, d)
+    if cfg.task == "tag":
+        return tag.source(train, cfg, generator, d)
     if cfg.seq_warmup_iters:
         return curriculum.SeqWarmup(train, cfg, generator, d)
     if cfg.curriculum == "unigram":
@@ -164,13 +175,21 @@ def batch_source(cfg, data, d=Dist()):
     return batches.Windows(train, cfg, generator, d)
 
 
-def evaluator(cfg, data, d=Dist()):
+def evaluator(cfg, data, d=Dist(), raw_model=None):
     """evaluate(model, ctx) -> {"train_loss": ..., "val_loss": ..., ...}: loss and perplexity over eval_iters
-    batches per split for a language model; loss, accuracy and macro-F1 for a classifier. With DDP each rank takes
-    a share of the batches; FSDP's forward is a collective, so there every rank runs every batch (the same numbers)."""
-    if distributed.fsdp(cfg, d):
+    batches per split for a language model; loss, accuracy and macro-F1 for a classifier; response-token loss and
+    exact match for sft (raw_model: the unwrapped model, which generates the answers); loss and per-class
+    precision, recall and F1 for a tagger. With DDP each rank takes a share of the batches; FSDP's forward is a
+    collective, so there every rank runs every batch (the same numbers)."""
+    fsdp = distributed.fsdp(cfg, d)
+    if fsdp:
         d = Dist()
     if cfg.task == "classify":
         n_classes = len(data.meta["labels"])
         return lambda model, ctx: classify.evaluate_splits(model, data.splits, cfg, ctx, n_classes, d)
+    if cfg.task == "sft":  # FSDP: answers generated with the model's forward, row by row
+        return lambda model, ctx: sft.evaluate(model, raw_model, data.splits, cfg, ctx, data.meta, data.enc, d,
+                                               batched=not fsdp)
+    if cfg.task == "tag":
+        return lambda model, ctx: tag.evaluate_splits(model, data.splits, cfg, ctx, data.meta["tags"], d)
     return lambda model, ctx: batches.estimate_loss(model, data.splits, cfg, ctx, d)

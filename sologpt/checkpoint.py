@@ -5,7 +5,8 @@
      last_eval_iter, skipped_steps, elapsed_s, guard, train_config, rng: {torch, cuda, batches}}
 
 Tensors and plain values only, so torch.load(weights_only=True) reads it: no pickled code is ever run. Kinds:
-- full: "model" is the whole state dict (model_config's n_classes > 0: a classifier, sologpt/classify.py);
+- full: "model" is the whole state dict (model_config's n_classes > 0: a classifier, sologpt/classify.py; n_tags > 0:
+  a tagger, sologpt/tag.py);
 - LoRA run: "model" holds only the trainable tensors that are not adapters (e.g. a classification head), "adapter"
   the adapter file's contents (sologpt/lora.py); the frozen base is rebuilt from "init_source";
 - low-precision base (train_config base_dtype bf16/int8): frozen block weights saved as they were trained;
@@ -33,19 +34,20 @@ from sologpt import distributed, hf_gpt2, lora, memory, quantize, tokenizer
 from sologpt.classify import Classifier, set_classifier
 from sologpt.distributed import Dist
 from sologpt.freeze import freeze
+from sologpt.tag import Tagger, set_tagger
 
 FORMAT_VERSION = 1  # bump when the layout changes
 
 # train_config fields a resumed run must share with its checkpoint: they decide which tensors exist, train, or how
 # they are stored
-RESUME_FIXED = ("task", "cls_pool", "freeze_layers", "freeze_embeddings", "lora_rank", "lora_alpha", "lora_targets",
-                "optim_state", "base_dtype", "qat", "qat_group_size", "fp8", "fp8_head", "optimizer")
+RESUME_FIXED = ("task", "cls_pool", "sft_loss", "freeze_layers", "freeze_embeddings", "lora_rank", "lora_alpha",
+                "lora_targets", "optim_state", "base_dtype", "qat", "qat_group_size", "fp8", "fp8_head", "optimizer")
 ARCH_FIELDS = ("rope", "norm", "qk_norm", "mlp_act", "tie_embeddings")  # model.py's architecture options
 SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", *ARCH_FIELDS)
 # GPTConfig fields left out of a checkpoint while at their defaults, so a plain model's checkpoint stays readable by
 # versions that predate them (GPTConfig fills them back in)
 OPTIONAL_FIELDS = ("rope", "rope_base", "norm", "qk_norm", "mlp_act", "tie_embeddings", "grad_checkpointing",
-                   "residual_bf16")
+                   "residual_bf16", "n_tags")
 RESUME_ONLY_KEYS = ("optimizer", "scaler", "rng")  # training state, which a quantized file drops
 GUARD_KEYS = ("evals_since_best", "rollbacks", "lr_scale", "loss_mean")  # Progress fields saved under "guard"
 
@@ -453,8 +455,8 @@ def check_same_shape(ckpt_config, config, path, meta_path="the dataset's meta.js
 # ---- the model of any checkpoint ----------------------------------------------------------------------------------
 
 def new_model(config):
-    """An untrained model of this config: a GPT, or a classifier when config.n_classes > 0."""
-    return (Classifier if config.n_classes > 0 else GPT)(config)
+    """An untrained model of this config: a GPT, a classifier when config.n_classes > 0, a tagger when n_tags > 0."""
+    return (Classifier if config.n_classes > 0 else Tagger if config.n_tags > 0 else GPT)(config)
 
 
 def load_model(ckpt, path="checkpoint", merge=True, **overrides):
@@ -489,7 +491,8 @@ def _load_lora_run(ckpt, config, path, merge):
     behaviour = {k: getattr(c, k) for k in ("dropout", "attn_impl", "grad_checkpointing", "residual_bf16")}
     try:
         base = load_source(source, allow_quantized=False, vocab_pad_multiple=c.vocab_pad_multiple, **behaviour)
-        fit(base, source, block_size=c.block_size, vocab_size=c.vocab_size, n_classes=c.n_classes, cls_pool=c.cls_pool)
+        fit(base, source, block_size=c.block_size, vocab_size=c.vocab_size, n_classes=c.n_classes, cls_pool=c.cls_pool,
+            n_tags=c.n_tags)
     except ValueError as e:
         raise ValueError(f"{path} holds LoRA adapters for the base {source}, which cannot be loaded: {e}")
     try:
@@ -640,14 +643,18 @@ def from_model(model, init_source="scratch", **extra):
             "init_source": init_source, "iter_num": 0, "best_val_loss": math.inf, "train_config": {}, **extra}
 
 
-def fit(model, source, block_size=None, vocab_size=None, n_classes=0, cls_pool="last"):
+def fit(model, source, block_size=None, vocab_size=None, n_classes=0, cls_pool="last", n_tags=0):
     """Fit a start point to a run: crop its positions to block_size, grow its vocabulary to vocab_size (domain
-    tokens; new rows start at the mean), and put a new classification head on when the run asks for classes the
-    start point lacks. Raises ValueError with a hint."""
+    tokens; new rows start at the mean), and put a new classification or tagging head on when the run asks for
+    classes or tags the start point lacks. Raises ValueError with a hint."""
     if model.config.n_classes > 0 and n_classes == 0:
         raise ValueError(f"{source} is a classifier (task 'classify'): it cannot continue as a language model")
+    if model.config.n_tags > 0 and n_tags == 0:
+        raise ValueError(f"{source} is a tagger (task 'tag'): it cannot continue as another kind of model")
     if n_classes > 0 and (model.config.n_classes, model.config.cls_pool) != (n_classes, cls_pool):
         set_classifier(model, n_classes, cls_pool)
+    if n_tags > 0 and model.config.n_tags != n_tags:
+        set_tagger(model, n_tags)
     if block_size is not None:
         if block_size > model.config.block_size:
             raise ValueError(f"block_size={block_size} is longer than the {model.config.block_size} positions of "

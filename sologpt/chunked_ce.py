@@ -24,9 +24,9 @@ from torch.autograd.function import once_differentiable
 
 
 def check(cfg):
-    if cfg.chunked_loss < 0 or (cfg.chunked_loss and (cfg.teacher or cfg.fp8_head or cfg.task != "lm")):
-        raise ValueError("chunked_loss must be >= 0, for task 'lm', without teacher or fp8_head (they need the "
-                         "whole logits or their own output layer): set chunked_loss=0")
+    if cfg.chunked_loss < 0 or (cfg.chunked_loss and (cfg.teacher or cfg.fp8_head or cfg.task not in ("lm", "sft"))):
+        raise ValueError("chunked_loss must be >= 0, for task 'lm' or 'sft', without teacher or fp8_head (they need "
+                         "the whole logits or their own output layer): set chunked_loss=0")
 
 
 class ChunkedLoss(nn.Module):

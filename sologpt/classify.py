@@ -21,9 +21,12 @@ class ClassifyError(ValueError):
     """A classification dataset that cannot be used; the message says what and how to fix it."""
 
 
+TASKS = ("lm", "classify", "sft", "tag")  # sft: sologpt/sft.py; tag: sologpt/tag.py
+
+
 def check(cfg):
-    if cfg.task not in ("lm", "classify"):
-        raise ValueError(f"task={cfg.task!r} is unknown: use 'lm' or 'classify'")
+    if cfg.task not in TASKS:
+        raise ValueError(f"task={cfg.task!r} is unknown: use one of {', '.join(TASKS)}")
     if cfg.cls_pool not in ("last", "mean"):
         raise ValueError(f"cls_pool={cfg.cls_pool!r} is unknown: use 'last' or 'mean'")
 

@@ -23,8 +23,8 @@ from sologpt.checkpoint import load_source, locate
 
 
 def check(cfg):
-    if cfg.teacher and cfg.task != "lm":
-        raise ValueError(f"teacher={cfg.teacher!r} teaches a language model: use it with task 'lm'")
+    if cfg.teacher and cfg.task not in ("lm", "sft"):
+        raise ValueError(f"teacher={cfg.teacher!r} teaches a language model: use it with task 'lm' or 'sft'")
     if cfg.teacher:  # a run folder resolves to its ckpt.pt
         cfg.teacher = str(locate(cfg.teacher, "teacher").path)
     if not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_temperature <= 0:
@@ -61,8 +61,9 @@ def load_teacher(source, device, vocab_size, block_size):
     when it cannot teach a student of this vocab_size and block_size."""
     teacher = load_source(source, flag="teacher")  # checkpoint.locate tells the kinds apart
     c = teacher.config
-    if c.n_classes > 0:
-        raise ValueError(f"teacher {source} is a classifier: distillation needs a language model teacher")
+    if c.n_classes > 0 or c.n_tags > 0:
+        kind = "a classifier" if c.n_classes > 0 else "a tagger"
+        raise ValueError(f"teacher {source} is {kind}: distillation needs a language model teacher")
     if c.vocab_size != vocab_size:
         raise ValueError(f"teacher has a vocabulary of {c.vocab_size} tokens, the student {vocab_size}: "
                          f"distill between models that share a tokenizer")

@@ -147,11 +147,11 @@ def wrap(loss_model, cfg, d):
         return loss_model
     devices = [d.local_rank] if cfg.device.startswith("cuda") else None
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # torch 2.13; 2.11 has no successor
-    # a classifier leaves an untied output layer unused: DDP must then look for parameters without gradients.
+    # a classifier or tagger leaves an untied output layer unused: DDP must then look for parameters without gradients.
     # No buffer broadcast: the model's only buffers are derived (rotary frequencies), and it would make every forward
     # a collective, which evaluation (each rank its own share of the batches) cannot have
-    return DistributedDataParallel(loss_model, device_ids=devices, find_unused_parameters=cfg.task == "classify",
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(loss_model, device_ids=devices,
+                                   find_unused_parameters=cfg.task in ("classify", "tag"), broadcast_buffers=False)
 
 
 def sync_on_last(step, module):

@@ -26,7 +26,7 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 def check(cfg):
     """After the device and dtype are resolved: fp8 needs bf16 on a CUDA GPU (the card is checked at build time)."""
-    if cfg.fp8_head and cfg.task != "lm":
+    if cfg.fp8_head and cfg.task not in ("lm", "sft"):
         raise ValueError(f"fp8_head=True speeds up the language-model output layer, which task={cfg.task!r} does not "
                          f"use: set fp8_head=False")
     for key in ("fp8", "fp8_head"):

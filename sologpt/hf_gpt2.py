@@ -62,6 +62,8 @@ def check_exportable(model):
                          f"none of these: keep the sologpt checkpoint (sample.py and tools/score.py read it)")
     if c.n_classes > 0:
         raise ValueError("a classifier (n_classes > 0) cannot be exported as GPT2LMHeadModel")
+    if c.n_tags > 0:
+        raise ValueError("a tagger (n_tags > 0) cannot be exported as GPT2LMHeadModel")
 
 
 def save(model, path):

@@ -189,7 +189,7 @@ def base_fingerprint(model):
     for name, t in model.state_dict().items():
         tied_head = name == "lm_head.weight" and model.config.tie_embeddings
         if name.endswith((".lora_A", ".lora_B")) or name == "transformer.wpe.weight" or tied_head \
-                or name.startswith("cls_head."):  # a classification head trains beside the adapters
+                or name.startswith(("cls_head.", "tag_head.")):  # a task head trains beside the adapters
             continue
         if name in ("transformer.wte.weight", "lm_head.weight"):
             t = t[:model.config.vocab_size]

@@ -277,7 +277,7 @@ CASES = [
     ("qat group", "train", T + " --qat=int4 --qat_group_size=3", "group_size=3 must be an even number"),
     ("teacher missing", "train", T + " --teacher={root}/nope.pt", "teacher={root}/nope.pt does not exist: give a run folder"),
     ("distill alpha", "train", T + " --teacher={run}/ckpt.pt --distill_alpha=1.5", "distill_alpha must be in [0, 1]"),
-    ("chunked + teacher", "train", T + " --teacher={run}/ckpt.pt --chunked_loss=8", "chunked_loss must be >= 0, for task 'lm', without teacher"),
+    ("chunked + teacher", "train", T + " --teacher={run}/ckpt.pt --chunked_loss=8", "chunked_loss must be >= 0, for task 'lm' or 'sft', without teacher"),
     ("chunked negative", "train", T + " --chunked_loss=-1", "chunked_loss must be >= 0"),
     ("checkpointing", "train", T + " --grad_checkpointing=-1", "grad_checkpointing=-1 must not be negative"),
     ("optim state", "train", T + " --optim_state=int4", "optim_state='int4' is unknown"),

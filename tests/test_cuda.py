@@ -156,6 +156,36 @@ def test_classifier_in_a_cuda_graph_matches_eager(tmp_path):
     assert json.loads((tmp_path / "graph" / "config.json").read_text())["cuda_graphs"] is True
 
 
+@pytest.mark.parametrize("task", ["sft", "tag"])
+def test_sft_and_tagger_in_a_cuda_graph_match_eager(tmp_path, task):
+    """Padded examples with targets of -1 (the loss mask, untagged tokens) go through the recorded step as any batch;
+    exact match generates its answers on the GPU in bf16."""
+    import json
+    import random
+    import subprocess
+    import sys
+    from conftest import REPO
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(6)) for _ in range(300)]
+    rows = [{"prompt": w, "response": w[0] * 2} for w in words] if task == "sft" else \
+        [{"tokens": [w, "xx", w[:3]], "tags": ["O", "B-X", "O"]} for w in words]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    script = "prepare/instruct.py" if task == "sft" else "prepare/tags.py"
+    subprocess.run([sys.executable, script, f"--input={tmp_path / 'rows.jsonl'}", "--name=d", "--tokenizer=char",
+                    f"--data_root={tmp_path / 'data'}"], cwd=REPO, check=True)
+    common = [f"--data_root={tmp_path / 'data'}", "--dataset=d", f"--task={task}", "--device=cuda", "--n_layer=2",
+              "--n_head=2", "--n_embd=32", "--block_size=48", "--batch_size=16", "--max_iters=12", "--eval_interval=4",
+              "--eval_iters=2", "--progress=False", "--compile=False", "--learning_rate=3e-3"]
+    for dtype, tol in (("float32", 1e-4), ("bfloat16", 2e-2)):
+        run(common + [f"--dtype={dtype}", f"--out_dir={tmp_path / dtype / 'eager'}"])
+        run(common + [f"--dtype={dtype}", f"--out_dir={tmp_path / dtype / 'graph'}", "--cuda_graphs=True"])
+        a, b = metrics(tmp_path / dtype / "eager"), metrics(tmp_path / dtype / "graph")
+        for it in (4, 8, 12):
+            assert abs(a[it]["val_loss"] - b[it]["val_loss"]) < tol
+        assert b[12]["val_loss"] < b[0]["val_loss"]
+        assert ("val_exact_match" if task == "sft" else "val_f1_X") in b[12]
+
+
 def test_auto_batch_size_with_cuda_graphs(gpu_flags, tmp_path):
     flags = [f for f in gpu_flags if not f.startswith("--batch_size")]
     run(flags + ["--batch_size=auto", "--auto_batch_sequences=16", "--cuda_graphs=True", "--dtype=bfloat16"])

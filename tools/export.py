@@ -6,13 +6,16 @@ sologpt checkpoint with any LoRA adapters merged into the weights.
 
 The source is a run folder, a checkpoint file or a Hugging Face directory (sologpt/checkpoint.py's locate). The
 tokenizer files come from the run's meta.json (sologpt/hf_tokenizer.py), which is copied into the folder too, so
-sample.py and tools/score.py read the export with the right tokenizer.
+sample.py and tools/score.py read the export with the right tokenizer. A model fine-tuned on conversations
+(task="sft") takes its chat template along: tokenizer_config.json's "chat_template" renders conversations as its
+training data was (tokenizer.apply_chat_template).
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sologpt import checkpoint, hf_gpt2, hf_tokenizer, tokenizer
+from sologpt import chat, checkpoint, hf_gpt2, hf_tokenizer, tokenizer
 from sologpt.configurator import UserError, run_cli
 
 # every file an export may write: a folder holding only these is an earlier export, which may be replaced
@@ -61,7 +64,8 @@ def write_hf(model, meta, target):
               f"load it); copy the run's meta.json beside the checkpoint and export again")
         return "no tokenizer files"
     checkpoint.write_json(target / "meta.json", meta)
-    return hf_tokenizer.save(meta, target, model.config.block_size)
+    wrote = hf_tokenizer.save(meta, target, model.config.block_size)
+    return wrote + write_chat_template(target, meta)
 
 
 def export(cfg):
@@ -94,6 +98,20 @@ def export(cfg):
         except OSError as e:  # the file it would replace is unchanged (checkpoint.save is atomic)
             raise UserError(f"cannot write {cfg.merged_ckpt}: {e.strerror or e}: free disk space or pick another path")
         print(f"wrote {cfg.merged_ckpt} (sologpt checkpoint, full weights)")
+
+
+def write_chat_template(hf_dir, meta):
+    """The run's chat template (if its meta.json has one) as "chat_template" in hf_dir/tokenizer_config.json, added
+    to what the file already holds (or a new file). Returns what it wrote, for the summary line."""
+    template = chat.template_of(meta)
+    if template is None:
+        return ""
+    config_path = Path(hf_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config["chat_template"] = chat.hf_template(template)
+    config.setdefault("eos_token", template["end"])  # where an answer ends: generation stops there
+    checkpoint.write_json(config_path, config)
+    return f"; chat template (answers end with {template['end']!r})"
 
 
 def main(argv=None):

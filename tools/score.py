@@ -150,8 +150,9 @@ def score(cfg):
         raise UserError(f"batch_size={cfg.batch_size} must be at least 1")
     text = read_text(cfg.input)
     model, enc, name = load(cfg)
-    if model.config.n_classes > 0:
-        raise UserError(f"{name} is a classifier: scoring needs a language model")
+    if model.config.n_classes > 0 or model.config.n_tags > 0:
+        kind = "a classifier" if model.config.n_classes > 0 else "a tagger"
+        raise UserError(f"{name} is {kind}: scoring needs a language model")
     block_size = model.config.block_size
     stride = cfg.stride or max(1, block_size // 2)
     if not 1 <= stride <= block_size:
