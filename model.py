@@ -383,9 +383,16 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     """Pick the next token from logits (B, vocab) -> (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    probs = F.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def filter_logits(logits, temperature, top_k=None, top_p=None):
+    """logits (B, vocab) divided by temperature (> 0), in float32, with the tokens top_k and top_p leave out set to
+    -inf. Only tensor operations, no host sync: sologpt/inference.py runs it inside a CUDA graph."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1)
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -394,5 +401,4 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         drop[:, 0] = False  # the most likely token always stays, even for top_p <= 0
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))  # the top token is never dropped
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    return logits

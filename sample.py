@@ -26,7 +26,7 @@ import torch
 from sologpt import chat, checkpoint, sft, tag, tokenizer as tok
 from sologpt.configurator import UserError, resolve_auto_bool, run_cli
 from sologpt.hardware import autocast_context, resolve_device
-from sologpt.inference import Engine
+from sologpt.inference import Engine, MultiStepEngine
 
 
 @dataclass
@@ -48,7 +48,9 @@ class SampleConfig:
     # answers stop at its end-of-turn token; "auto": when meta.json has a template
     interactive: bool = False  # chat on the terminal; the conversation is kept within block_size (oldest turns go)
     system: str = ""  # chat: a system message before each conversation
-    cuda_graph: bool | str = "auto"  # replay the one-token decode step as a CUDA graph; "auto": on CUDA
+    cuda_graph: bool | str = "auto"  # replay the decode steps as a CUDA graph; "auto": on CUDA
+    decode_steps: int = 16  # tokens per decode call, picked on the device with no host sync (one CUDA graph
+    # replay with cuda_graph); the stop token is checked every decode_steps tokens. 0: the one-step engine
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it (else float16), float32 elsewhere
 
@@ -118,6 +120,8 @@ def sample(cfg):
         raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1 (or None)")
     if cfg.batch_size < 1 or cfg.num_samples < 1 or cfg.max_new_tokens < 1:
         raise UserError("batch_size, num_samples and max_new_tokens must be at least 1")
+    if cfg.decode_steps < 0:
+        raise UserError(f"decode_steps={cfg.decode_steps} must be 0 (the one-step engine) or more")
     cfg.cuda_graph = resolve_auto_bool("cuda_graph", cfg.cuda_graph, device_type == "cuda")
     ctx = autocast_context(device_type, cfg.dtype)
 
@@ -150,8 +154,11 @@ def sample(cfg):
     engine = None
     if longest + cfg.max_new_tokens <= bs:  # the batched engine; beyond block_size GPT.generate slides the window
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if device_type == "cuda" else None
-        engine = Engine(model, min(cfg.batch_size, len(prompts)), longest + cfg.max_new_tokens, cfg.device, dtype,
-                        cuda_graph=cfg.cuda_graph)
+        rows, max_len = min(cfg.batch_size, len(prompts)), longest + cfg.max_new_tokens
+        if cfg.decode_steps:
+            engine = MultiStepEngine(model, rows, max_len, cfg.device, dtype, cfg.cuda_graph, cfg.decode_steps)
+        else:
+            engine = Engine(model, rows, max_len, cfg.device, dtype, cuda_graph=cfg.cuda_graph)
     texts = []
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]

@@ -1,9 +1,12 @@
 """Generation speed: new tokens/s of greedy decoding with a KV cache, at batch 1 and 16, for sologpt's engine
-(sologpt/inference.py, with and without the CUDA graph) and transformers' GPT2LMHeadModel.generate on the same
-weights (exported to a GPT-2 directory and loaded there), in one process.
+(sologpt/inference.py: the one-step Engine with and without its CUDA graph, and MultiStepEngine, --steps tokens per
+graph replay, sampled on the device) and transformers' GPT2LMHeadModel.generate on the same weights (exported to a
+GPT-2 directory and loaded there), in one process.
 
     python -m bench.generate                      # GPT-2 124M shape, random weights, bf16, prompt 128, 256 new
-    python -m bench.generate --device cpu --batch_sizes 1 --new 64 --int8   # the CPU path, float and int8
+    python -m bench.generate --device cpu --batch_sizes 1 8 --prompt 32 --new 32 --int8 --no_hf  # CPU, float and int8
+    python -m bench.generate --check --sampled    # also: greedy tokens of every sologpt engine equal the one-step
+                                                  # engine's, and each engine with temperature 0.8, top_k 200
 
 The weight-read bound: each decode step reads every weight once, so tokens/s per row cannot beat
 (memory bandwidth / weight bytes); the table prints that bound from a measured device copy.
@@ -18,7 +21,7 @@ import torch
 
 from model import GPT, GPTConfig
 from sologpt import hf_gpt2, quantize
-from sologpt.inference import Engine
+from sologpt.inference import Engine, MultiStepEngine
 
 from sologpt.configurator import ArgumentParser
 
@@ -57,8 +60,15 @@ def main():
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--no_hf", action="store_true", help="skip transformers")
     p.add_argument("--int8", action="store_true", help="also the int8 weight-only model (sologpt/quantize.py)")
+    p.add_argument("--steps", type=int, default=16, help="MultiStepEngine's decode steps per call / graph replay")
+    p.add_argument("--check", action="store_true",
+                   help="compare every engine's greedy tokens with the one-step engine's (2 calls each); exit 1 if any differ")
+    p.add_argument("--sampled", action="store_true", help="also time sampling (temperature 0.8, top_k 200)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
     args = p.parse_args()
     dev = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if dev.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda but this torch sees no CUDA GPU: use --device cpu")
     torch.manual_seed(0)
@@ -70,7 +80,7 @@ def main():
     bw = copy_bandwidth(dev)
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, GPT-2 {args.n_layer}x{args.n_embd}, prompt {args.prompt}, "
-          f"{args.new} new tokens, greedy, {'bf16' if bf16 else 'float32'}")
+          f"{args.new} new tokens, {'bf16' if bf16 else 'float32'}, {torch.get_num_threads()} CPU threads")
     if bw:
         print(f"copy bandwidth {bw / 1e12:.2f} TB/s; bf16 weights {weight_bytes / 1e6:.0f} MB: weight-read bound "
               f"{bw / weight_bytes:,.0f} decode steps/s")
@@ -83,22 +93,47 @@ def main():
                 hf = transformers.GPT2LMHeadModel.from_pretrained(d).eval().to(dev)
         except ImportError:
             print("(transformers not installed: its rows are skipped)")
-    variants = [("sologpt engine + CUDA graph", model, True), ("sologpt engine, eager", model, False)]
+    graph = dev == "cuda"
+    int8 = quantize.quantize_model(copy.deepcopy(model), "int8") if args.int8 else None
+    variants = [  # (label, model, engine class, keyword arguments); the first is the reference of --check
+        ("engine + CUDA graph" if graph else "engine", model, Engine, {"cuda_graph": graph}),
+        (f"multi-step engine ({args.steps})" + (" + graph" if graph else ""), model, MultiStepEngine,
+         {"cuda_graph": graph, "steps": args.steps}),
+    ]
+    if graph:
+        variants.append(("engine, eager", model, Engine, {}))
     if args.int8:
-        variants.append(("sologpt int8 engine", quantize.quantize_model(copy.deepcopy(model), "int8"), dev == "cuda"))
-    print(f"{'generator':32s} {'batch':>5} {'new tok/s':>10} {'ms/step':>8}")
+        variants += [("int8 engine" + (" + CUDA graph" if graph else ""), int8, Engine, {"cuda_graph": graph}),
+                     (f"int8 multi-step ({args.steps})" + (" + graph" if graph else ""), int8, MultiStepEngine,
+                      {"cuda_graph": graph, "steps": args.steps})]
+    settings = [("greedy", dict(temperature=0))]
+    if args.sampled:
+        settings.append(("T=0.8 top_k=200", dict(temperature=0.8, top_k=200)))
+    print(f"{'generator':36s} {'sampling':16s} {'batch':>5} {'new tok/s':>10} {'ms/step':>8}")
+    mismatches = 0
     for B in args.batch_sizes:
         gen = torch.Generator().manual_seed(B)
-        prompts = torch.randint(50257, (B, args.prompt), generator=gen)
-        for label, m, graph in variants:
-            if graph and dev != "cuda":
-                continue
+        prompts = torch.randint(50257, (B, args.prompt), generator=gen).tolist()
+        reference = None
+        for label, m, cls, kw in variants:
             m.to(dev)
-            engine = Engine(m, B, args.prompt + args.new, dev, torch.bfloat16 if bf16 else None, cuda_graph=graph)
-            dt = timed(lambda: engine.generate(prompts.tolist(), args.new, temperature=0, ctx=ctx), dev)
-            print(f"{label:32s} {B:>5} {B * args.new / dt:>10,.0f} {1000 * dt / args.new:>8.2f}", flush=True)
+            engine = cls(m, B, args.prompt + args.new, dev, torch.bfloat16 if bf16 else None, **kw)
+            for what, sampling in settings:
+                rng = torch.Generator(device=dev).manual_seed(0)
+                dt = timed(lambda: engine.generate(prompts, args.new, generator=rng, ctx=ctx, **sampling), dev)
+                print(f"{label:36s} {what:16s} {B:>5} {B * args.new / dt:>10,.0f} {1000 * dt / args.new:>8.2f}",
+                      flush=True)
+            if args.check:  # a fresh engine, two calls: the second replays graphs recorded by the first
+                engine = cls(m, B, args.prompt + args.new, dev, torch.bfloat16 if bf16 else None, **kw)
+                calls = [engine.generate(prompts, args.new, temperature=0, ctx=ctx) for _ in range(2)]
+                reference = reference or calls[0]
+                same = [sum(a == b for a, b in zip(row, ref)) for call in calls for row, ref in zip(call, reference)]
+                ok = min(same) == args.new
+                mismatches += not ok and m is model  # int8 is compared for information only
+                print(f"check: {label}, batch {B}: greedy tokens equal to the first engine's: "
+                      f"{'yes' if ok else 'NO'} ({sum(same)} of {len(same) * args.new})", flush=True)
         if hf is not None:
-            x = prompts.to(dev)
+            x = torch.tensor(prompts, device=dev)
             mask = torch.ones_like(x)
 
             def run_hf():
@@ -106,8 +141,11 @@ def main():
                     hf.generate(x, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
                                 do_sample=False, pad_token_id=0)
             dt = timed(run_hf, dev, reps=2)
-            print(f"{'transformers generate':32s} {B:>5} {B * args.new / dt:>10,.0f} {1000 * dt / args.new:>8.2f}",
-                  flush=True)
+            print(f"{'transformers generate':36s} {'greedy':16s} {B:>5} {B * args.new / dt:>10,.0f} "
+                  f"{1000 * dt / args.new:>8.2f}", flush=True)
+    if args.check:
+        print("check: " + ("all greedy tokens equal" if not mismatches else f"{mismatches} float engines differ"))
+        sys.exit(1 if mismatches else 0)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,18 @@ to itself, which keeps its values finite; they are never read.)
 The cache has max_len = P + max_new_tokens columns, at most block_size: this engine does not slide the window (for
 that, GPT.generate re-fills its cache every step). Every decode step attends over all max_len columns with a mask,
 so its shapes never change and one CUDA graph serves every step; the masked columns cost a little bandwidth.
+
+Two decoders share that forward. Engine picks each token on the host side of the loop (sample_next, as
+GPT.generate does) and replays a one-step graph. MultiStepEngine picks tokens on the device (pick: the same
+filtering, and the exponential race instead of torch.multinomial, which waits for the GPU to check its input), so K
+steps, sampling included, run with no host sync and are replayed as one CUDA graph: the host checks for the stop
+token once per K tokens and drops what was decoded past the end.
 """
 
 import torch
 import torch.nn.functional as F
 
-from model import sample_next
+from model import filter_logits, sample_next
 
 
 class Engine:
@@ -38,14 +44,19 @@ class Engine:
         m, c = self.model, self.model.config
         B, T = idx.shape
         C = c.n_embd
-        cols = start + torch.arange(T, device=idx.device)  # (T,) cache columns of these tokens
+        # (T,) cache columns of these tokens; past the last column (MultiStepEngine's steps beyond the end, whose
+        # tokens are dropped) the last one is rewritten, so positions stay below block_size
+        cols = (start + torch.arange(T, device=idx.device)).clamp(max=self.max_len - 1)
         pos = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, T) each row's own positions
         x = m.residual_cast(m.embed(idx, pos))  # (B, T, C)
         rope = m.rotary(pos)  # rotary angles of each row's positions, or None
         key = self.cols[None, None, :]  # (1, 1, S)
         query = cols[None, :, None]  # (1, T, 1)
         mask = (key <= query) & ((key >= pad[:, None, None]) | (key == query))  # (B, T, S)
-        mask = mask[:, None]  # (B, 1, T, S): the same for every head
+        t = idx.device.type
+        dtype = torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype  # the dtype of q
+        # (B, 1, T, S), the same for every head: additive, made once here (sdpa would convert a bool mask per layer)
+        mask = torch.zeros(mask.shape, dtype=dtype, device=idx.device).masked_fill_(~mask, float("-inf"))[:, None]
         for i, block in enumerate(m.transformer.h):
             a = block.attn
             q, k, v = a.qkv(block.ln_1(x), rope)  # 3 x (B, nh, T, hs)
@@ -78,11 +89,9 @@ class Engine:
         self.graph.replay()
         return self.static["logits"]
 
-    @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 stop_token=None, on_token=None, ctx=None):
-        """prompts: lists of token ids (at most batch_size of them). Returns each row's new tokens, cut after
-        stop_token. on_token(step, tokens (B,)) is called after every step (for streaming)."""
+    def prefill(self, prompts, max_new_tokens, ctx):
+        """Checks that the prompts fit, runs them into the cache; returns B, P, pad (B,), the last logits (B, vocab)
+        and ctx (autocast, or a no-op)."""
         B = len(prompts)
         P = max(len(p) for p in prompts)
         if P + max_new_tokens > self.max_len or B > self.B:
@@ -94,7 +103,15 @@ class Engine:
         for b, p in enumerate(prompts):
             idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
         with ctx:
-            logits = self.forward(idx, torch.tensor(0, device=self.device), pad)  # prefill
+            logits = self.forward(idx, torch.tensor(0, device=self.device), pad)
+        return B, P, pad, logits, ctx
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 stop_token=None, on_token=None, ctx=None):
+        """prompts: lists of token ids (at most batch_size of them). Returns each row's new tokens, cut after
+        stop_token. on_token(step, tokens (B,)) is called after every step (for streaming)."""
+        B, P, pad, logits, ctx = self.prefill(prompts, max_new_tokens, ctx)
         out, done = [], torch.zeros(self.B, dtype=torch.bool, device=self.device)
         col = torch.tensor(P, device=self.device)  # the column the next token goes to, kept on the device
         for step in range(max_new_tokens):
@@ -110,7 +127,117 @@ class Engine:
                 with ctx:
                     logits = self._decode(token, col, pad)
                 col += 1
-        tokens = torch.stack(out, dim=1).tolist()  # (B, new)
-        if stop_token is not None:
-            tokens = [row[:row.index(stop_token) + 1] if stop_token in row else row for row in tokens]
+        return cut(torch.stack(out, dim=1).tolist(), stop_token)  # (B, new)
+
+
+def cut(tokens, stop_token):
+    """Each row up to and including its first stop_token."""
+    if stop_token is None:
         return tokens
+    return [row[:row.index(stop_token) + 1] if stop_token in row else row for row in tokens]
+
+
+def pick(logits, temperature, top_k, top_p, noise):
+    """sample_next without a host sync: logits (B, vocab) -> (B, 1). noise: independent Exp(1) draws (B, vocab),
+    None when temperature is 0 (greedy: the argmax, as sample_next). The token with the smallest noise / p wins
+    the race: noise_i / p_i is exponential with rate p_i, and the minimum of independent exponentials is term i
+    with probability p_i / sum(p), so this draws from p exactly (argmax p / noise is the same thing)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # (B, vocab): zero where filtered
+    return (probs / noise).argmax(dim=-1, keepdim=True)
+
+
+class MultiStepEngine(Engine):
+    """Engine that decodes `steps` tokens per call with no host sync: tokens are picked on the device (pick), and on
+    CUDA (cuda_graph) the `steps` decode steps, sampling included, are recorded once per sampling setting and
+    replayed as one CUDA graph. The stop token is checked once per `steps` tokens; what was decoded past the end
+    (of max_new_tokens, or of every row's stop) is dropped. Greedy tokens equal Engine's; sampled ones follow the same
+    distribution (tested), drawn from generator's Exp(1) noise, so the same seed gives the same text."""
+
+    def __init__(self, model, batch_size, max_len, device, dtype=None, cuda_graph=False, steps=16):
+        super().__init__(model, batch_size, max_len, device, dtype, cuda_graph)
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be at least 1")
+        self.steps = steps
+        self.graphs = {}  # (temperature, top_k, top_p) -> (CUDA graph, its static tensors)
+
+    def run_steps(self, token, col, pad, noise, sampling):
+        """`steps` decode steps from token (B, 1) at column col (0-d): returns the next `steps` tokens (B, steps).
+        token and col are advanced in place, so the next call continues where this one stopped."""
+        out = []
+        for k in range(self.steps):
+            token_k = pick(self.forward(token if k == 0 else out[-1], col, pad), *sampling,
+                           None if noise is None else noise[k])  # (B, 1)
+            out.append(token_k)
+            col += 1
+        token.copy_(out[-1])
+        return torch.cat(out, dim=1)  # (B, steps)
+
+    def noise(self, sampling, generator, *shape):
+        """Exp(1) draws for pick (shape + (B, vocab)), or None for greedy."""
+        if sampling[0] == 0:
+            return None
+        shape = (*shape, self.B, self.model.config.vocab_size)
+        return torch.empty(shape, device=self.device).exponential_(generator=generator)
+
+    def graph(self, sampling, ctx):
+        """The CUDA graph of run_steps for these sampling settings and its static tensors, recorded on first use.
+        The capture runs in its own autocast context, so the weights' bf16 copies are made inside the graph (once
+        per replay, then cached for its `steps` steps), not taken from a warm-up's cache that is freed after it."""
+        if sampling not in self.graphs:
+            V = self.model.config.vocab_size
+            static = {"token": torch.zeros(self.B, 1, dtype=torch.long, device=self.device),
+                      "col": torch.tensor(0, device=self.device),
+                      "pad": torch.zeros(self.B, dtype=torch.long, device=self.device),
+                      "noise": None if sampling[0] == 0 else torch.ones(self.steps, self.B, V, device=self.device)}
+            args = (static["token"], static["col"], static["pad"], static["noise"], sampling)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s), ctx:  # warm up outside the graph (lazy init, autotuning)
+                for _ in range(2):
+                    self.run_steps(*args)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), ctx:
+                static["tokens"] = self.run_steps(*args)  # (B, steps)
+            self.graphs[sampling] = graph, static
+        return self.graphs[sampling]
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 stop_token=None, on_token=None, ctx=None):
+        """As Engine.generate; on_token(step, tokens (B,)) is called for each token, `steps` at a time."""
+        ctx = ctx or torch.autocast(self.device.type, enabled=False)
+        sampling = (temperature, top_k, top_p)
+        if self.cuda_graph:  # recorded before the prefill: its warm-up writes cache columns
+            graph, static = self.graph(sampling, ctx)
+        B, P, pad, logits, ctx = self.prefill(prompts, max_new_tokens, ctx)
+        token = pick(logits, *sampling, self.noise(sampling, generator))  # (B, 1)
+        col = torch.tensor(P, device=self.device)  # the column the next token goes to
+        if self.cuda_graph:
+            for name, value in (("token", token), ("col", col), ("pad", pad)):
+                static[name].copy_(value)
+        out, done = [token.clone()], torch.zeros(self.B, dtype=torch.bool, device=self.device)
+        new = 0  # tokens handed to on_token so far
+        while True:
+            if on_token is not None:  # streaming: one host sync per `steps` tokens
+                for step in range(new, min(new + out[-1].size(1), max_new_tokens)):
+                    on_token(step, out[-1][:B, step - new])
+            new += out[-1].size(1)
+            if stop_token is not None:  # one host sync per `steps` tokens
+                done |= (out[-1] == stop_token).any(dim=1)
+                if bool(done[:B].all()):
+                    break
+            if new >= max_new_tokens:
+                break
+            if self.cuda_graph:
+                if static["noise"] is not None:
+                    static["noise"].exponential_(generator=generator)
+                graph.replay()
+                out.append(static["tokens"].clone())
+            else:
+                with ctx:
+                    out.append(self.run_steps(token, col, pad, self.noise(sampling, generator, self.steps), sampling))
+        tokens = torch.cat(out, dim=1)[:B, :max_new_tokens]  # (B, new)
+        return cut(tokens.tolist(), stop_token)

@@ -243,6 +243,29 @@ def test_engine_cuda_graph_equals_eager():
         assert row == alone.tolist()
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_multi_step_graph_decoder_equals_the_eager_engine(dtype):
+    """MultiStepEngine's K-step CUDA graph gives the eager one-step engine's greedy tokens (float32, and bf16 under
+    autocast), across calls that replay the recorded graph; its sampled rows are reproducible with the same seed."""
+    from sologpt.inference import Engine, MultiStepEngine
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=128)).cuda().eval()
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is not None)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    eager = Engine(model, 3, 40, "cuda", dtype).generate(prompts, 30, temperature=0, ctx=ctx)
+    graphed = MultiStepEngine(model, 3, 40, "cuda", dtype, cuda_graph=True, steps=8)
+    for _ in range(2):
+        assert graphed.generate(prompts, 30, temperature=0, ctx=ctx) == eager
+    assert graphed.generate(prompts[:1], 5, temperature=0, ctx=ctx) == [eager[0][:5]]
+    stop = eager[1][4]
+    cut = [row[:row.index(stop) + 1] if stop in row else row for row in eager]
+    assert graphed.generate(prompts, 30, temperature=0, stop_token=stop, ctx=ctx) == cut
+    sampled = [graphed.generate(prompts, 30, temperature=0.8, top_k=20, top_p=0.9, ctx=ctx,
+                                generator=torch.Generator(device="cuda").manual_seed(1)) for _ in range(2)]
+    assert sampled[0] == sampled[1] and all(0 <= t < 128 for row in sampled[0] for t in row)
+
+
 def torchrun_gpu(flags, nproc, timeout=600):
     """torchrun --standalone --nproc_per_node=nproc train.py flags on this machine's GPUs."""
     import os

@@ -5,6 +5,7 @@ token, prompt files, truncation of long prompts, and the int8 model on the CPU."
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from sologpt import hf_gpt2
 import sample as sample_mod
 from sologpt.configurator import load_config
 from conftest import REPO, perturbed_model
-from sologpt.inference import Engine
+from sologpt.inference import Engine, MultiStepEngine
 
 
 tiny = perturbed_model  # larger weights than the init, so a wrong mask or position changes the tokens
@@ -116,3 +117,88 @@ def test_streaming_prints_the_same_text(trained, capsys):
     out = capsys.readouterr().out
     plain = sample_mod.sample(load_config(sample_mod.SampleConfig, argv + ["--stream=False"]))
     assert streamed == plain and out.startswith(plain[0] + "\n")
+
+
+# ---- MultiStepEngine: several steps per call, tokens picked on the device ----------------------------------------
+
+@pytest.mark.parametrize("steps", [1, 3, 16])
+def test_multi_step_greedy_equals_the_one_step_engine(steps):
+    model = tiny()
+    one = Engine(model, 4, 11 + 20, "cpu").generate(PROMPTS, 20, temperature=0)
+    many = MultiStepEngine(model, 4, 11 + 20, "cpu", steps=steps)
+    assert many.generate(PROMPTS, 20, temperature=0) == one
+    assert many.generate(PROMPTS[:2], 7, temperature=0) == [row[:7] for row in one[:2]]  # fewer rows, reused
+    stop = one[1][3]
+    cut = Engine(model, 4, 40, "cpu").generate(PROMPTS, 20, temperature=0, stop_token=stop)
+    assert MultiStepEngine(model, 4, 40, "cpu", steps=steps).generate(PROMPTS, 20, temperature=0,
+                                                                      stop_token=stop) == cut
+    seen = []
+    many.generate(PROMPTS, 20, temperature=0, on_token=lambda step, t: seen.append((step, t.tolist())))
+    assert [step for step, _ in seen] == list(range(20))
+    assert [t for _, t in seen] == [list(col) for col in zip(*one)]
+
+
+def reference_probs(logits, temperature, top_k=None, top_p=None):
+    """The distribution sample_next draws from, written out in numpy: softmax(logits / T) over the top_k tokens,
+    then the smallest most-likely prefix whose probability reaches top_p, renormalised."""
+    z = logits.double().numpy() / temperature
+    keep = np.ones_like(z, dtype=bool)
+    if top_k is not None:
+        keep &= z >= np.sort(z, axis=-1)[:, [-top_k]]
+    p = np.where(keep, np.exp(z - z.max(-1, keepdims=True)), 0)
+    p /= p.sum(-1, keepdims=True)
+    if top_p is not None:
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        before = np.cumsum(sorted_p, -1) - sorted_p
+        kept = np.zeros_like(p, dtype=bool)
+        np.put_along_axis(kept, order, before < top_p, -1)
+        kept[np.arange(len(p)), order[:, 0]] = True
+        p = np.where(kept, p, 0)
+        p /= p.sum(-1, keepdims=True)
+    return p
+
+
+def assert_draws_follow(tokens, expected):
+    """tokens (N,) drawn each from its row of expected (N, V): the counts match sum(expected) (chi-square with
+    bins of fewer than 5 expected draws pooled, bound df + 6 sqrt(2 df): false alarms ~1e-6), and no token of
+    probability 0 is ever drawn."""
+    counts = np.bincount(tokens, minlength=expected.shape[1])
+    want = expected.sum(0)
+    assert counts[want == 0].sum() == 0
+    big = want >= 5
+    obs, exp = list(counts[big]) + [counts[~big].sum()], list(want[big]) + [want[~big].sum()]
+    obs, exp = np.array(obs[:len(obs) - (exp[-1] == 0)]), np.array(exp[:len(exp) - (exp[-1] == 0)])
+    chi2, df = ((obs - exp) ** 2 / exp).sum(), len(exp) - 1
+    assert df >= 1 and chi2 < df + 6 * (2 * df) ** 0.5, (chi2, df)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8),
+                                                       (1.0, 12, 0.9)])
+def test_pick_draws_the_filtered_softmax(temperature, top_k, top_p):
+    from sologpt.inference import pick
+    torch.manual_seed(0)
+    logits = torch.randn(4, 20) * 2  # 4 distributions over 20 tokens
+    n = 20000
+    rows = logits.repeat_interleave(n, dim=0)  # (4n, 20)
+    noise = torch.empty_like(rows).exponential_(generator=torch.Generator().manual_seed(1))
+    tokens = pick(rows, temperature, top_k, top_p, noise)[:, 0].view(4, n).numpy()
+    for i in range(4):
+        expected = reference_probs(logits[i:i + 1], temperature, top_k, top_p).repeat(n, 0)
+        assert_draws_follow(tokens[i], expected)
+
+
+def test_multi_step_sampling_follows_the_model():
+    """The engine's first and second sampled tokens (the second from a decode step): the counts over 3000 rows
+    of one prompt match the model's own filtered probabilities (GPT.forward without a cache) given each row's
+    tokens so far."""
+    model = tiny(seed=2)
+    prompt, n, settings = [3, 1, 4, 1, 5], 3000, (0.9, 20, 0.95)
+    engine = MultiStepEngine(model, n, len(prompt) + 3, "cpu", steps=2)
+    rows = engine.generate([prompt] * n, 3, *settings, generator=torch.Generator().manual_seed(3))
+    tokens = torch.tensor(rows)  # (n, 3)
+    for t in range(3):
+        idx = torch.cat([torch.tensor([prompt] * n), tokens[:, :t]], dim=1)  # each row's context
+        with torch.no_grad():
+            logits = model(idx)[0][:, -1]  # (n, vocab)
+        assert_draws_follow(tokens[:, t].numpy(), reference_probs(logits, *settings))

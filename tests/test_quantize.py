@@ -327,3 +327,27 @@ def test_fake_quantize_is_exact_with_identity_gradient(mode):
     g = torch.randn(8, 64)
     fq.backward(g)
     assert torch.equal(w.grad, g)  # straight through: the rounding is invisible to the gradient
+
+
+def test_int8_cpu_kernel_matches_the_dequantized_weight():
+    """On the CPU, without gradients, Int8Linear runs torch's int8 weight-only kernel with bf16 activations: its
+    logits stay within bf16 rounding of the same int8 weights dequantized to float32."""
+    import copy
+    from conftest import perturbed_model
+    from sologpt.quantize import Int8Linear, dequantize_int8
+    model = q.quantize_model(perturbed_model(n_embd=64), "int8")
+    reference = copy.deepcopy(model)
+    for parent in list(reference.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Int8Linear):
+                plain = torch.nn.Linear(child.in_features, child.out_features)
+                plain.weight.data, plain.bias.data = dequantize_int8(child.weight, child.scale), child.bias
+                setattr(parent, name, plain)
+    idx = torch.randint(64, (3, 20))
+    with torch.no_grad():
+        fast, ref = model(idx)[0], reference(idx)[0]
+    assert (fast - ref).abs().max() < 0.02 * ref.abs().max()
+    assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    x = torch.randn(2, 64, requires_grad=True)  # with a gradient: the dequantizing path, float32 exactly
+    layer = model.transformer.h[0].mlp.c_fc
+    assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.dequantize(), layer.bias))
