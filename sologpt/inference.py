@@ -80,6 +80,9 @@ class Engine:
                 for _ in range(2):
                     self.forward(self.static["token"], self.static["col"], self.static["pad"])
             torch.cuda.current_stream().wait_stream(s)
+            # autocast caches the weights' bf16 copies made in the warm-up and frees them when its context ends: the
+            # graph must make its own (in its memory pool), not read those
+            torch.clear_autocast_cache()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.static["logits"] = self.forward(self.static["token"], self.static["col"], self.static["pad"])

@@ -243,6 +243,25 @@ def test_engine_cuda_graph_equals_eager():
         assert row == alone.tolist()
 
 
+@pytest.mark.parametrize("steps", [0, 8])
+def test_a_bf16_decode_graph_keeps_its_weight_copies_when_memory_is_reused(steps):
+    """Under autocast a graph that read the warm-up's cached bf16 weight copies would read freed memory once the
+    autocast context ends: fill the freed memory with garbage between calls, the greedy tokens must not change."""
+    from sologpt.inference import Engine, MultiStepEngine
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=128)).cuda().eval()
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    eager = Engine(model, 2, 40, "cuda", torch.bfloat16).generate(prompts, 24, temperature=0, ctx=ctx)
+    engine = (MultiStepEngine(model, 2, 40, "cuda", torch.bfloat16, cuda_graph=True, steps=steps) if steps else
+              Engine(model, 2, 40, "cuda", torch.bfloat16, cuda_graph=True))
+    assert engine.generate(prompts, 24, temperature=0, ctx=ctx) == eager  # records the graph
+    junk = [torch.full((64, 64), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(64)]
+    assert engine.generate(prompts, 24, temperature=0, ctx=ctx) == eager  # replays it
+    del junk
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_multi_step_graph_decoder_equals_the_eager_engine(dtype):
     """MultiStepEngine's K-step CUDA graph gives the eager one-step engine's greedy tokens (float32, and bf16 under
