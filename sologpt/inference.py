@@ -184,7 +184,7 @@ class MultiStepEngine(Engine):
         shape = (*shape, self.B, self.model.config.vocab_size)
         return torch.empty(shape, device=self.device).exponential_(generator=generator)
 
-    def graph(self, sampling, ctx):
+    def recorded(self, sampling, ctx):
         """The CUDA graph of run_steps for these sampling settings and its static tensors, recorded on first use.
         The capture runs in its own autocast context, so the weights' bf16 copies are made inside the graph (once
         per replay, then cached for its `steps` steps), not taken from a warm-up's cache that is freed after it."""
@@ -201,6 +201,7 @@ class MultiStepEngine(Engine):
                 for _ in range(2):
                     self.run_steps(*args)
             torch.cuda.current_stream().wait_stream(s)
+            torch.clear_autocast_cache()  # an enclosing autocast's cached copies must not be read by the graph
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), ctx:
                 static["tokens"] = self.run_steps(*args)  # (B, steps)
@@ -214,7 +215,7 @@ class MultiStepEngine(Engine):
         ctx = ctx or torch.autocast(self.device.type, enabled=False)
         sampling = (temperature, top_k, top_p)
         if self.cuda_graph:  # recorded before the prefill: its warm-up writes cache columns
-            graph, static = self.graph(sampling, ctx)
+            graph, static = self.recorded(sampling, ctx)
         B, P, pad, logits, ctx = self.prefill(prompts, max_new_tokens, ctx)
         token = pick(logits, *sampling, self.noise(sampling, generator))  # (B, 1)
         col = torch.tensor(P, device=self.device)  # the column the next token goes to
