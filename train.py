@@ -126,6 +126,7 @@ class TrainConfig:
     fp8: bool = False  # fp8 matmuls in the transformer blocks (sologpt/fp8.py): CUDA capability 8.9+, bfloat16
     fp8_head: bool = False  # the output layer's matmuls in fp8 (with or without fp8); pays at GPT-2 124M, fp8 does not
     residual_bf16: bool = False  # under bf16 autocast, keep the residual stream in bf16 instead of float32 (faster)
+    # (fp8, fp8_head and residual_bf16 stay off by default: faster, but they round what the model computes)
     parallel: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards; sologpt/distributed.py)
     seed: int = 1337  # one seed for model init, batches and dropout
 
