@@ -52,7 +52,8 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (the explicit formula)
-    vocab_pad_multiple: int = 1  # round the embedding rows up to a multiple of this (64: faster on GPUs)
+    vocab_pad_multiple: int | str = "auto"  # round the embedding rows up to a multiple of this; "auto": 64 on CUDA
+    # (GPT-2's 50257 tokens -> 50304 rows, a faster output matmul; the padding is no token), 1 elsewhere
     # architecture options (model.py), all off so that the model is GPT-2's (docs/architecture.md)
     rope: bool = False  # rotary position embeddings instead of a learned position table
     norm: str = "layernorm"  # or "rmsnorm"
@@ -120,10 +121,12 @@ class TrainConfig:
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or e.g. "cuda:1"
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it, else float16 with loss scaling; float32 on CPU
     compile: bool | str = "auto"  # torch.compile the model; "auto" means on for CUDA, off elsewhere
-    cuda_graphs: bool | str = False  # replay each step as one CUDA graph (sologpt/cuda_graph.py); "auto": if possible
+    cuda_graphs: bool | str = "auto"  # replay each step as one CUDA graph (sologpt/cuda_graph.py); "auto": on for
+    # CUDA when the run allows it (else off, with a note on CUDA); True where it cannot is an error
     fp8: bool = False  # fp8 matmuls in the transformer blocks (sologpt/fp8.py): CUDA capability 8.9+, bfloat16
     fp8_head: bool = False  # the output layer's matmuls in fp8 (with or without fp8); pays at GPT-2 124M, fp8 does not
     residual_bf16: bool = False  # under bf16 autocast, keep the residual stream in bf16 instead of float32 (faster)
+    # (fp8, fp8_head and residual_bf16 stay off by default: faster, but they round what the model computes)
     parallel: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards; sologpt/distributed.py)
     seed: int = 1337  # one seed for model init, batches and dropout
 

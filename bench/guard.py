@@ -32,7 +32,7 @@ SHAPES = {"small": (2, 4, 128, 64, 65), "10M": (6, 6, 384, 256, 65), "124M": (12
 def measure(shape, device, repeats):
     n_layer, n_head, n_embd, block, vocab = SHAPES[shape]
     cfg = train.TrainConfig(device=device, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block,
-                            compile=False, dtype="float32")
+                            compile=False, cuda_graphs=False, dtype="float32")
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block, vocab_size=vocab)).to(device)
     optimizer = train.make_optimizer(model, cfg, device.split(":")[0])

@@ -56,6 +56,7 @@ def run_one(shape, mode, args):
     n_layer, n_head, n_embd = SHAPES[shape]
     sw = MODES[mode]
     cfg = train.TrainConfig(device="cuda", dtype="bfloat16", block_size=args.block_size, compile=False,
+                            cuda_graphs=False,
                             optim_state=sw.get("optim_state", "fp32"), lora_rank=sw.get("lora_rank", 0),
                             base_dtype=sw.get("base_dtype", "fp32"), grad_checkpointing=sw.get("grad_checkpointing", 0),
                             lora_targets="all", freeze_layers=n_layer // 2 if sw.get("freeze_half") else 0,

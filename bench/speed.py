@@ -1,17 +1,22 @@
 """Training-speed benchmark on one GPU: tokens/s, ms/step, model TFLOP/s, MFU and peak memory.
 
-    python -m bench.speed                            # GPT-2 124M shape, micro-batches 12, 16 and 32
+    python -m bench.speed                            # train.py's defaults, GPT-2 124M shape, micro-batches 12, 16, 32
     python -m bench.speed --batch_sizes 12 --hf      # also transformers' GPT2LMHeadModel, same shape, same process
     python -m bench.speed --attn_backend cudnn       # any lever below, to compare against the default
     python -m bench.speed --recipe config/shakespeare_char.py --target 1.47   # time a recipe to a val loss
     torchrun --standalone --nproc_per_node=2 -m bench.speed --batch_sizes 12 [--parallel fsdp]   # N GPUs, DDP/FSDP2
 
 Synthetic data (random token ids): the step costs the same as on real text. Each step is train.py's train_step
-(autocast forward, backward, clip, fused AdamW step), replayed as a CUDA graph with --cuda_graphs as train.py does. MFU counts 6 FLOPs per parameter per token plus attention
+(autocast forward, backward, clip, fused AdamW step). Without switches every setting is train.py's default, resolved
+by train.py's own checks (sologpt/checks.py) for a CUDA run: compile on, each step replayed as one CUDA graph
+(cuda_graphs "auto"), the vocabulary of GPT-2's 50257 tokens padded to 50304 rows (vocab_pad_multiple "auto"),
+biases as GPT-2 (--no_bias for nanoGPT's benchmark model). MFU counts 6 FLOPs per parameter per token plus attention
 (model.flops_per_token) against the card's dense bf16 peak: a known card's datasheet figure, else a measured
 8192^3 bf16 matmul.
 """
 
+import argparse
+import dataclasses
 import functools
 import os
 import subprocess
@@ -22,11 +27,11 @@ import torch
 
 import train
 from model import GPT, GPTConfig
-from sologpt import distributed, fp8, hardware
+from sologpt import checks, distributed, fp8, hardware
 from sologpt.chunked_ce import ChunkedLoss
 from sologpt.cuda_graph import GraphedStep
 
-from sologpt.configurator import ArgumentParser
+from sologpt.configurator import ArgumentParser, UserError
 
 
 def measured_matmul_peak(device, n=8192, reps=20):
@@ -77,7 +82,7 @@ def bench_model(name, model, flops_per_token, args, batch_size, loss_model=None)
     model.to(device).train()
     loss_model = distributed.wrap(loss_model or model, args.cfg, d)
     # fused AdamW, as train.py makes it (capturable: it reads the step count and lr from GPU memory in a graph)
-    opt = train.make_optimizer(model, train.TrainConfig(cuda_graphs=args.cuda_graphs, optimizer=args.optimizer), "cuda")
+    opt = train.make_optimizer(model, dataclasses.replace(args.cfg, cuda_graphs=args.cuda_graphs), "cuda")
     fwd = torch.compile(loss_model, mode=args.compile_mode) if args.compile and not args.compile_blocks else loss_model
     scaler = hardware.LossScaler("cuda", enabled=False)  # bf16: no loss scaling
     step_fn = functools.partial(train.train_step, fwd, opt, scaler, ctx=torch.autocast("cuda", dtype=torch.bfloat16),
@@ -113,13 +118,28 @@ def bench_model(name, model, flops_per_token, args, batch_size, loss_model=None)
           f"{100 * tflops * 1e12 / args.peak:>6.1f}% {mem:>9.2f}", flush=True)
 
 
+def train_config(args):
+    """The TrainConfig of a CUDA run with the benchmark's switches, resolved by train.py's checks (every "auto" as
+    train.py fills it in); the switches not given keep TrainConfig's defaults. Its values go back into args."""
+    cfg = train.TrainConfig(
+        device="cuda", block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+        bias=args.bias, vocab_pad_multiple=args.vocab_pad_multiple, rope=args.rope, norm=args.norm,
+        qk_norm=args.qk_norm, mlp_act=args.mlp_act, tie_embeddings=not args.untied, attn_backend=args.attn_backend,
+        optimizer=args.optimizer, residual_bf16=args.residual_bf16, fp8=args.fp8, fp8_head=args.fp8_head,
+        chunked_loss=args.chunked_loss, compile=args.compile, cuda_graphs=args.cuda_graphs, parallel=args.parallel,
+        gradient_accumulation_steps=int(os.environ.get("WORLD_SIZE", 1)), batch_size=1, dtype="bfloat16")
+    try:
+        checks.resolve(cfg)
+    except UserError as e:  # e.g. --cuda_graphs under torchrun, --residual_bf16 on a card without bf16
+        raise SystemExit(f"error: {e}")
+    args.vocab_pad_multiple, args.compile, args.cuda_graphs = cfg.vocab_pad_multiple, cfg.compile, cfg.cuda_graphs
+    return cfg
+
+
 def throughput(args):
     # torchrun: a process group and this rank's GPU (rank 0 alone prints); the global batch has one micro-batch per rank
-    args.cfg = train.TrainConfig(device="cuda", parallel=args.parallel, optimizer=args.optimizer,
-                                 gradient_accumulation_steps=int(os.environ.get("WORLD_SIZE", 1)), batch_size=1)
+    args.cfg = train_config(args)
     args.dist = distributed.setup(args.cfg)
-    if args.dist.launched and args.cuda_graphs:
-        raise SystemExit("error: --cuda_graphs records one process's step: drop it under torchrun")
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name()
     args.peak = (hardware.peak_flops(args.cfg.device) or measured_matmul_peak(args.cfg.device)) * args.dist.world
@@ -190,36 +210,47 @@ def recipe(args):
 
 def main():
     p = ArgumentParser(prog="python -m bench.speed", description=__doc__.splitlines()[0], allow_abbrev=False)
+    D = train.TrainConfig()  # every default is train.py's
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[12, 16, 32])
-    p.add_argument("--block_size", type=int, default=1024)
-    p.add_argument("--vocab_size", type=int, default=50304, help="50257 padded to a multiple of 64, as nanoGPT")
-    p.add_argument("--vocab_pad_multiple", type=int, default=1, help="pad the embedding (model.py) instead")
-    p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--n_head", type=int, default=12)
-    p.add_argument("--n_embd", type=int, default=768)
-    p.add_argument("--eager", action="store_true", help="skip torch.compile")
+    p.add_argument("--block_size", type=int, default=D.block_size)
+    p.add_argument("--vocab_size", type=int, default=50257,
+                   help="real tokens: GPT-2's 50257 (as train.py on GPT-2 data); 50304 is nanoGPT's way (47 unused)")
+    p.add_argument("--vocab_pad_multiple", type=pad_multiple, default=D.vocab_pad_multiple,
+                   help="pad the embedding rows to a multiple of this (model.py); 'auto' as train.py: 64 on CUDA")
+    p.add_argument("--n_layer", type=int, default=D.n_layer)
+    p.add_argument("--n_head", type=int, default=D.n_head)
+    p.add_argument("--n_embd", type=int, default=D.n_embd)
+    p.add_argument("--eager", dest="compile", action="store_false", default=D.compile, help="skip torch.compile")
     p.add_argument("--compile_blocks", action="store_true", help="compile each block on its own, not the model")
     p.add_argument("--compile_mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode; max-autotune tries Triton matmul kernels, minutes to compile "
                         "(train.py uses the default)")
-    p.add_argument("--attn_backend", default="auto")
-    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (sologpt/fp8.py), Hopper-class GPUs")
-    p.add_argument("--fp8_head", action="store_true", help="the output layer in fp8 (alone, or with --fp8 too)")
-    p.add_argument("--cuda_graphs", action="store_true", help="replay each step as one CUDA graph (sologpt/cuda_graph.py)")
-    p.add_argument("--no_bias", dest="bias", action="store_false",
+    p.add_argument("--attn_backend", default=D.attn_backend)
+    p.add_argument("--fp8", action="store_true", default=D.fp8,
+                   help="fp8 matmuls in the blocks (sologpt/fp8.py), Hopper-class GPUs")
+    p.add_argument("--fp8_head", action="store_true", default=D.fp8_head,
+                   help="the output layer in fp8 (alone, or with --fp8 too)")
+    p.add_argument("--cuda_graphs", action="store_true", default=D.cuda_graphs,
+                   help="replay each step as one CUDA graph (sologpt/cuda_graph.py); default 'auto', as train.py: on "
+                        "where a graph can record the step (one process), so this flag only insists")
+    p.add_argument("--no_cuda_graphs", dest="cuda_graphs", action="store_false", help="time the steps eagerly")
+    p.add_argument("--no_bias", dest="bias", action="store_false", default=D.bias,
                    help="no biases in Linear and LayerNorm (GPTConfig bias=False; GPT-2 weights then do not load)")
-    p.add_argument("--rope", action="store_true", help="rotary positions (model.py's modern options)")
-    p.add_argument("--norm", default="layernorm", choices=["layernorm", "rmsnorm"])
-    p.add_argument("--qk_norm", action="store_true")
-    p.add_argument("--mlp_act", default="gelu", choices=["gelu", "relu2"])
-    p.add_argument("--untied", action="store_true", help="an output layer with its own weights")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
-    p.add_argument("--residual_bf16", action="store_true", help="the residual stream in bf16 (GPTConfig.residual_bf16)")
-    p.add_argument("--chunked_loss", type=int, default=0, help="output layer + loss this many tokens at a time")
+    p.add_argument("--rope", action="store_true", default=D.rope, help="rotary positions (model.py's modern options)")
+    p.add_argument("--norm", default=D.norm, choices=["layernorm", "rmsnorm"])
+    p.add_argument("--qk_norm", action="store_true", default=D.qk_norm)
+    p.add_argument("--mlp_act", default=D.mlp_act, choices=["gelu", "relu2"])
+    p.add_argument("--untied", action="store_true", default=not D.tie_embeddings,
+                   help="an output layer with its own weights")
+    p.add_argument("--optimizer", default=D.optimizer, choices=["adamw", "muon"])
+    p.add_argument("--residual_bf16", action="store_true", default=D.residual_bf16,
+                   help="the residual stream in bf16 (GPTConfig.residual_bf16)")
+    p.add_argument("--chunked_loss", type=int, default=D.chunked_loss,
+                   help="output layer + loss this many tokens at a time")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--hf", action="store_true", help="also time transformers' GPT2LMHeadModel")
-    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: DDP or FSDP2")
+    p.add_argument("--parallel", default=D.parallel, choices=["ddp", "fsdp"], help="under torchrun: DDP or FSDP2")
     p.add_argument("--profile", action="store_true", help="print the CUDA kernels that take the most time")
     p.add_argument("--recipe", help="a train.py config file: time it to --target instead")
     p.add_argument("--target", type=float, default=1.47)
@@ -236,8 +267,17 @@ def main():
     args = p.parse_args()
     if args.chunked_loss < 0 or (args.chunked_loss and args.fp8_head):
         p.error("--chunked_loss must be >= 0, and it computes the output layer itself: not with --fp8_head")
-    args.compile = not args.eager
     throughput(args)
+
+
+def pad_multiple(text):
+    """--vocab_pad_multiple: a positive integer or 'auto' (train.py resolves it)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'auto'")
 
 
 if __name__ == "__main__":

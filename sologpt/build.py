@@ -43,6 +43,8 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
     if ckpt is not None and init_source != "scratch":  # those weights fixed the shape, not the config's fields
         adopt_weight_fields(cfg, {key: ckpt["model_config"].get(key, getattr(GPTConfig(), key))
                                   for key in WEIGHT_FIELDS}, ckpt_path)
+    elif ckpt is not None:  # the padding rows are no token: a run padded on a GPU ("auto") resumes on the CPU too
+        adopt_weight_fields(cfg, {"vocab_pad_multiple": ckpt["model_config"].get("vocab_pad_multiple", 1)}, ckpt_path)
     arch = {key: getattr(cfg, key) for key in ARCH_FIELDS}
     if init_source == "scratch" or (ckpt is not None and "adapter" not in ckpt):
         model = checkpoint.new_model(GPTConfig(

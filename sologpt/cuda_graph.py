@@ -1,4 +1,4 @@
-"""The training step replayed as one CUDA graph (train.py: cuda_graphs = True).
+"""The training step replayed as one CUDA graph (train.py: cuda_graphs = "auto", the default, or True).
 
 A small model's step is a few hundred short kernels, and launching them from Python costs more time than
 running them: the GPU waits for the CPU (measured on the 10.7M-parameter shakespeare-char model: 17 ms/step
@@ -26,7 +26,9 @@ from sologpt.configurator import resolve_auto_bool
 
 
 def resolve(cfg):
-    """cuda_graphs: "auto" -> on where a graph can record the step; True where it cannot -> ValueError."""
+    """cuda_graphs: "auto" (train.py's default) -> on where a graph can record the step, else off (on CUDA with a
+    one-line note saying why; on the CPU or MPS silently, as there is no graph there); True where it cannot ->
+    ValueError."""
     needs = []
     if cfg.device not in ("cuda", "cuda:0"):
         needs.append(f"device cuda or cuda:0 (here {cfg.device!r}; pick another card with CUDA_VISIBLE_DEVICES)")
@@ -40,9 +42,12 @@ def resolve(cfg):
         needs.append("no spike_guard (a rollback loads optimizer state into new tensors, which the graph never reads)")
     if "RANK" in os.environ:  # started by torchrun
         needs.append("plain python, not torchrun (the gradient exchange runs on NCCL's streams, outside the graph)")
+    auto = cfg.cuda_graphs == "auto"  # the default
     cfg.cuda_graphs = resolve_auto_bool("cuda_graphs", cfg.cuda_graphs, not needs)
     if cfg.cuda_graphs and needs:
         raise ValueError(f"cuda_graphs=True needs {'; '.join(needs)}: set cuda_graphs=False or 'auto'")
+    if auto and needs and cfg.device.startswith("cuda") and os.environ.get("RANK", "0") == "0":
+        print(f"note: cuda_graphs='auto' is off for this run: a CUDA graph needs {'; '.join(needs)}")
 
 
 class GraphedStep:

@@ -253,6 +253,7 @@ CASES = [
     ("negative iters", "train", T + " --max_iters=-1", "max_iters=-1 must not be negative"),
     ("heads", "train", T + " --n_head=3", "n_embd=32 is not divisible by n_head=3"),
     ("pad 0", "train", T + " --vocab_pad_multiple=0", "vocab_pad_multiple=0 must be at least 1"),
+    ("pad word", "train", T + " --vocab_pad_multiple=big", "vocab_pad_multiple='big' is unknown: use a positive"),
     ("device", "train", T + " --device=tpu", "device='tpu' is unknown"),
     ("no cuda", "train", T + " --device=cuda", "sees no CUDA GPU"),
     ("dtype", "train", T + " --dtype=float64", "dtype='float64' is unknown"),

@@ -22,8 +22,24 @@ def metrics(out):
 
 @pytest.fixture
 def gpu_flags(tiny_flags):
+    """Eager steps (cuda_graphs is on by default on CUDA): a test asks for a graph with --cuda_graphs=True."""
     return [f for f in tiny_flags if not f.startswith("--device")] + ["--device=cuda", "--eval_interval=4",
-                                                                        "--max_iters=12"]
+                                                                        "--max_iters=12", "--cuda_graphs=False"]
+
+
+def test_default_cuda_run_replays_a_graph_and_matches_eager(gpu_flags, tmp_path):
+    """train.py's defaults on CUDA: compile, one CUDA graph per step and a padded vocabulary, resolved at setup;
+    the graph's losses track the same run's eager steps."""
+    import json
+    defaults = [f for f in gpu_flags if not f.startswith(("--compile", "--cuda_graphs"))]
+    run(defaults + [f"--out_dir={tmp_path / 'graph'}"])
+    run(defaults + [f"--out_dir={tmp_path / 'eager'}", "--cuda_graphs=False"])
+    cfg = json.loads((tmp_path / "graph" / "config.json").read_text())
+    assert (cfg["compile"], cfg["cuda_graphs"], cfg["vocab_pad_multiple"], cfg["dtype"]) == (True, True, 64, "bfloat16")
+    a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "graph")
+    for it in (4, 8, 12):
+        assert abs(a[it]["val_loss"] - b[it]["val_loss"]) < 2e-2
+    assert b[12]["val_loss"] < b[0]["val_loss"] - 0.3
 
 
 @pytest.mark.parametrize("dtype, accum", [("float32", 1), ("bfloat16", 1), ("bfloat16", 3)])
@@ -147,7 +163,8 @@ def test_classifier_in_a_cuda_graph_matches_eager(tmp_path):
                     f"--data_root={tmp_path / 'data'}", "--tokenizer=char"], cwd=REPO, check=True)
     common = [f"--data_root={tmp_path / 'data'}", "--dataset=pol", "--task=classify", "--device=cuda",
               "--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=16",
-              "--max_iters=12", "--eval_interval=4", "--eval_iters=2", "--progress=False", "--compile=False"]
+              "--max_iters=12", "--eval_interval=4", "--eval_iters=2", "--progress=False", "--compile=False",
+              "--cuda_graphs=False"]
     run(common + [f"--out_dir={tmp_path / 'eager'}"])
     run(common + [f"--out_dir={tmp_path / 'graph'}", "--cuda_graphs=True"])
     a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "graph")
@@ -175,7 +192,7 @@ def test_sft_and_tagger_in_a_cuda_graph_match_eager(tmp_path, task):
                     f"--data_root={tmp_path / 'data'}"], cwd=REPO, check=True)
     common = [f"--data_root={tmp_path / 'data'}", "--dataset=d", f"--task={task}", "--device=cuda", "--n_layer=2",
               "--n_head=2", "--n_embd=32", "--block_size=48", "--batch_size=16", "--max_iters=12", "--eval_interval=4",
-              "--eval_iters=2", "--progress=False", "--compile=False", "--learning_rate=3e-3"]
+              "--eval_iters=2", "--progress=False", "--compile=False", "--learning_rate=3e-3", "--cuda_graphs=False"]
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 2e-2)):
         run(common + [f"--dtype={dtype}", f"--out_dir={tmp_path / dtype / 'eager'}"])
         run(common + [f"--dtype={dtype}", f"--out_dir={tmp_path / dtype / 'graph'}", "--cuda_graphs=True"])

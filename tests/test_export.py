@@ -113,3 +113,42 @@ def test_domain_tokens_are_added_tokens(tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf.encode("a naïve-term here") == enc.encode("a naïve-term here")  # the ids match; decoding does not:
     assert "non-ASCII" in (tmp_path / "hf" / "TOKENIZER.md").read_text()  # the folder says so
+
+
+# ---- a padded vocabulary (vocab_pad_multiple, "auto" -> 64 on CUDA) -------------------------------------------
+
+def test_padded_vocabulary_samples_scores_and_exports_as_unpadded(tiny_flags, tmp_path):
+    """A run trained with padding rows behaves as the same weights without them: greedy samples, scores and the
+    exported Hugging Face model agree, and the export holds the real rows only."""
+    from tools import score as score_mod
+    run(tiny_flags + ["--max_iters=3", "--vocab_pad_multiple=64"])
+    padded = read_checkpoint(tmp_path / "out" / "ckpt.pt")
+    vocab = padded["model_config"]["vocab_size"]
+    rows = padded["model"]["transformer.wte.weight"].shape[0]
+    assert rows % 64 == 0 and vocab < rows
+    plain = tmp_path / "plain"  # the same run folder, its weights cropped to the real rows
+    plain.mkdir()
+    (plain / "meta.json").write_bytes((tmp_path / "out" / "meta.json").read_bytes())
+    crop = {k: v[:vocab] if k in ("transformer.wte.weight", "lm_head.weight") else v
+            for k, v in padded["model"].items()}
+    torch.save({**padded, "model": crop, "model_config": {**padded["model_config"], "vocab_pad_multiple": 1}},
+               plain / "ckpt.pt")
+    greedy = ["--num_samples=1", "--max_new_tokens=20", "--temperature=0", "--top_k=None", "--device=cpu",
+              "--start=ROMEO:"]
+    a, b = (sample_mod.sample(load_config(sample_mod.SampleConfig, [f"--out_dir={d}", *greedy]))
+            for d in (tmp_path / "out", plain))
+    assert a == b and len(a[0]) == len("ROMEO:") + 20
+    text = tmp_path / "text.txt"
+    text.write_text("ROMEO:\nWhat light through yonder window breaks?\n" * 4, encoding="utf-8")
+    s, t = (score_mod.score(load_config(score_mod.ScoreConfig, [f"--out_dir={d}", f"--input={text}",
+                                                                "--device=cpu", "--progress=False"]))
+            for d in (tmp_path / "out", plain))
+    assert s["tokens"] == t["tokens"] and s["total_nll"] == pytest.approx(t["total_nll"], rel=1e-6)
+    transformers = pytest.importorskip("transformers")
+    export_mod.main([f"--out_dir={tmp_path / 'out'}", f"--hf_dir={tmp_path / 'hf'}"])
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.vocab_size == vocab and hf.transformer.wte.weight.shape[0] == vocab
+    ours = checkpoint.load_model(padded).eval()
+    idx = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)

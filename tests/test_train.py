@@ -4,6 +4,7 @@ interrupts, atomic checkpoints, and the one-line errors for bad input."""
 import contextlib
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import train as train_mod
-from sologpt.configurator import load_config
+from sologpt.configurator import UserError, load_config
 from conftest import REPO
 from model import GPT, GPTConfig
 from sologpt.checkpoint import read as read_checkpoint
@@ -521,10 +522,61 @@ def test_cuda_graphs_need_cuda(tiny_flags, capsys):
     assert cfg.cuda_graphs is False  # auto on a CPU: off
 
 
-def test_vocab_padding_run_and_resume_check(tiny_flags, tmp_path, capsys):
+def test_vocab_padding_run_and_resume(tiny_flags, tmp_path, capsys):
+    """A run padded on a GPU ("auto") resumes on the CPU (auto: 1): the checkpoint's padding rows are kept, with one
+    warning line, since they are no token."""
     run(tiny_flags + ["--max_iters=2", "--vocab_pad_multiple=64"])
     ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
     rows, vocab = ckpt["model"]["transformer.wte.weight"].shape[0], ckpt["model_config"]["vocab_size"]
     assert rows % 64 == 0 and vocab < rows < vocab + 64
-    err = run_main_error(tiny_flags + ["--init_from=resume"], capsys)
-    assert "embedding of 64 rows" in err and "--vocab_pad_multiple=64" in err
+    capsys.readouterr()
+    run(tiny_flags + ["--max_iters=4", "--init_from=resume"])
+    assert "warning: vocab_pad_multiple=1 is ignored" in capsys.readouterr().out
+    ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["iter_num"] == 4 and ckpt["model"]["transformer.wte.weight"].shape[0] == rows
+    assert ckpt["train_config"]["vocab_pad_multiple"] == 64
+
+
+def resolved(flags, device_type="cpu", env=None):
+    """A config resolved by train.py's checks as on device_type: a CUDA device is pretended (resolve_device
+    replaced), so what "auto" becomes there is tested without a GPU."""
+    import unittest.mock as mock
+    cfg = load_config(TrainConfig, flags)
+    device = "cuda" if device_type == "cuda" else "cpu"
+    dtype = "bfloat16" if cfg.dtype == "auto" and device == "cuda" else "float32" if cfg.dtype == "auto" else cfg.dtype
+    fake = mock.patch.object(checks, "resolve_device", lambda d, t: (device if d == "auto" else d, device_type, dtype))
+    with fake, mock.patch.dict("os.environ", env or {}):
+        checks.resolve(cfg)
+    return cfg
+
+
+def test_auto_defaults_per_device(tiny_flags, capsys):
+    """The CUDA defaults: compile, a CUDA graph per step and vocabulary padding; on the CPU the old values."""
+    flags = [f for f in tiny_flags if not f.startswith(("--device", "--compile"))]
+    cpu = resolved(flags + ["--device=cpu"])
+    assert (cpu.compile, cpu.cuda_graphs, cpu.vocab_pad_multiple) == (False, False, 1)
+    assert capsys.readouterr().out == ""  # no note on the CPU
+    cuda = resolved(flags, "cuda")
+    assert (cuda.device, cuda.dtype, cuda.compile, cuda.cuda_graphs, cuda.vocab_pad_multiple) == \
+        ("cuda", "bfloat16", True, True, 64)
+    assert capsys.readouterr().out == ""
+    explicit = resolved(flags + ["--vocab_pad_multiple=8", "--compile=False", "--cuda_graphs=False"], "cuda")
+    assert (explicit.compile, explicit.cuda_graphs, explicit.vocab_pad_multiple) == (False, False, 8)
+    assert resolved(flags + ["--compile=False"], "cuda").cuda_graphs is True  # graphs pay without compile too
+
+
+@pytest.mark.parametrize("switch, need", [
+    (["--dtype=float16"], "bfloat16 or float32"), (["--optim_state=int8"], "optim_state 'fp32'"),
+    (["--seq_warmup_iters=10", "--block_size=64"], "no seq_warmup_iters"), (["--spike_guard=True"], "no spike_guard"),
+    (["--device=cuda:1"], "device cuda or cuda:0"), ([], "not torchrun")])
+def test_cuda_graphs_auto_steps_aside_but_true_is_an_error(tiny_flags, capsys, switch, need):
+    """Where a graph cannot record the step, the default ("auto") turns it off with one note line; an explicit
+    True stops the run with one error line."""
+    flags = [f for f in tiny_flags if not f.startswith(("--device", "--compile"))] + switch
+    env = {"RANK": "0"} if not switch else None
+    cfg = resolved(flags, "cuda", env)
+    assert cfg.cuda_graphs is False
+    note = capsys.readouterr().out.strip()
+    assert note.startswith("note: cuda_graphs='auto' is off") and need in note and "\n" not in note
+    with pytest.raises(UserError, match=f"cuda_graphs=True needs .*{re.escape(need)}"):
+        resolved(flags + ["--cuda_graphs=True"], "cuda", env)
