@@ -88,7 +88,7 @@ class TrainConfig:
     grad_checkpointing: int = 0  # k > 0: recompute every k-th block's activations in backward (1: every block)
     chunked_loss: int = 0  # N > 0: output layer + loss N tokens at a time, never all (tokens x vocab) logits
     optim_state: str = "fp32"  # AdamW moments in "fp32", "bf16" or "int8" (block-wise 8-bit; sologpt/lean_optim.py)
-    base_dtype: str = "fp32"  # frozen Linear weights (freeze_layers, LoRA base) in "fp32", "bf16" or "int8"
+    base_dtype: str = "fp32"  # frozen Linear weights (freeze_layers, LoRA base) in "fp32", "bf16", "int8" or "nf4"
     # ---- optimizer: AdamW, decoupled weight decay on matrices only
     optimizer: str = "adamw"  # "muon": Muon (orthogonalised momentum) for the blocks' matrices, AdamW for the rest
     learning_rate: float = 6e-4  # peak learning rate

@@ -16,8 +16,8 @@ The run and its parts (what train.py calls, in order):
     hf_gpt2       Hugging Face GPT-2 directories in and out; hf_tokenizer: their tokenizer files
 
 One module per feature, each decided once at setup:
-    classify (task head), freeze, lora, quantize (int8/int4 layers, QAT), fp8, memory (frozen weights in bf16/int8,
-    micro-batch search, estimates), lean_optim (8-bit and bf16 AdamW states), muon, chunked_ce (chunked loss),
-    distill (teacher), curriculum (sequence warmup, easy-first), inference (the batched generation engine),
-    plots (curves to a PNG, plot=True), board (TensorBoard, tensorboard=True)
+    classify (task head), freeze, lora, quantize (int8/int4 layers, QAT), nf4 (QLoRA's 4-bit base), fp8, memory
+    (frozen weights in bf16/int8/nf4, micro-batch search, estimates), lean_optim (8-bit and bf16 AdamW states),
+    muon, chunked_ce (chunked loss), distill (teacher), curriculum (sequence warmup, easy-first), inference (the
+    batched generation engine), plots (curves to a PNG, plot=True), board (TensorBoard, tensorboard=True)
 """

@@ -9,7 +9,7 @@ Tensors and plain values only, so torch.load(weights_only=True) reads it: no pic
   a tagger, sologpt/tag.py);
 - LoRA run: "model" holds only the trainable tensors that are not adapters (e.g. a classification head), "adapter"
   the adapter file's contents (sologpt/lora.py); the frozen base is rebuilt from "init_source";
-- low-precision base (train_config base_dtype bf16/int8): frozen block weights saved as they were trained;
+- low-precision base (train_config base_dtype bf16/int8/nf4): frozen block weights saved as they were trained;
 - quantized (tools/quantize.py): "quantization" = {mode, group_size, skip, head}, no optimizer or RNG state.
 """
 
@@ -477,7 +477,7 @@ def load_model(ckpt, path="checkpoint", merge=True, **overrides):
         load_state(model, ckpt["model"], path)
         return model
     tc = ckpt.get("train_config", {})
-    if tc.get("base_dtype", "fp32") != "fp32":  # frozen layers were saved in bf16 / int8: rebuild, load, then float
+    if tc.get("base_dtype", "fp32") != "fp32":  # frozen layers saved in bf16/int8/nf4: rebuild, load, then float
         freeze(model, tc.get("freeze_layers", 0), tc.get("freeze_embeddings", False))
         memory.lower_frozen_weights(model, tc["base_dtype"])
         load_state(model, ckpt["model"], path)

@@ -1,13 +1,14 @@
 """Memory savers and reports for train.py: what a run will need (estimated before step 0), frozen weights kept
-in bf16 or int8, the automatic micro-batch search, and the message for running out of memory.
+in bf16, int8 or nf4, the automatic micro-batch search, and the message for running out of memory.
 
 Bytes per parameter during training with AdamW (fp32 master weights, as train.py keeps them):
     weights 4 + gradients 4 + two moments 8 (optim_state "fp32"), 4 ("bf16") or ~2 ("int8")
-A frozen parameter costs only its weight: 4 bytes, 2 in bf16, ~1 in int8 (base_dtype). Activations come on top,
-per token: about 34 * n_embd bytes per layer under 16-bit autocast with a fused attention kernel (Korthikanti et
-al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4, without the attention-score
-term that flash attention never stores), plus the logits: 2 bytes (bf16) + 4 (fp32 copy for the loss) + 4 (their
-gradient) per vocabulary entry. Gradient checkpointing keeps only each checkpointed block's input (4 * n_embd).
+A frozen parameter costs only its weight: 4 bytes, 2 in bf16, ~1 in int8, ~0.52 in nf4 (base_dtype). Activations
+come on top, per token: about 34 * n_embd bytes per layer under 16-bit autocast with a fused attention kernel
+(Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4, without the
+attention-score term that flash attention never stores), plus the logits: 2 bytes (bf16) + 4 (fp32 copy for the
+loss) + 4 (their gradient) per vocabulary entry. Gradient checkpointing keeps only each checkpointed block's input
+(4 * n_embd).
 """
 
 import gc
@@ -15,10 +16,13 @@ import gc
 import torch
 import torch.nn as nn
 
+from sologpt.nf4 import NF4Linear
 from sologpt.quantize import Int8Linear
 
 MOMENT_BYTES = {"fp32": 8, "bf16": 4, "int8": 2}  # both AdamW moments together, per trainable parameter
-BASE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # a frozen Linear weight
+# a frozen Linear weight; nf4: 4 bits + an 8-bit scale per 64 + a float32 per 256 scales = 4.127 bits (nf4.py)
+BASE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "nf4": 4.127 / 8}
+LOWERED = (Int8Linear, NF4Linear)  # the layers lower_frozen_weights swaps in
 
 
 def check(cfg):
@@ -62,8 +66,9 @@ def estimate(model, cfg):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     other_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) - frozen_linear
     weights = 4 * (trainable + other_frozen) + BASE_BYTES[cfg.base_dtype] * frozen_linear
-    weights += sum(b.numel() * b.element_size() for m in model.transformer.h.modules()  # int8 layers: buffers
-                   if isinstance(m, Int8Linear) for b in m.buffers())
+    weights += sum(b.numel() * b.element_size() for m in model.transformer.h.modules()  # int8 / nf4: the stored
+                   if isinstance(m, LOWERED) for b in m.state_dict().values())  # buffers (nf4's 2 KB table aside)
+    weights = int(weights)
     tokens = cfg.batch_size * cfg.block_size if isinstance(cfg.batch_size, int) else cfg.block_size
     per_layer = 34 * c.n_embd  # bytes per token, 16-bit autocast (see above)
     if cfg.dtype == "float32":
@@ -84,9 +89,10 @@ def estimate(model, cfg):
 
 
 def lower_frozen_weights(model, base_dtype):
-    """Keep the frozen Linear weights of the blocks (freeze_layers, or a LoRA layer's base) in bf16, or in int8
-    (weight-only, per output channel: quantize.Int8Linear), so they need 2 or ~1 bytes instead of 4. bf16 relies
-    on autocast to bring the activations to 16 bits. Returns the number of layers changed."""
+    """Keep the frozen Linear weights of the blocks (freeze_layers, or a LoRA layer's base) in bf16, in int8
+    (weight-only, per output channel: quantize.Int8Linear) or in 4-bit NormalFloat (nf4.NF4Linear, QLoRA's base
+    format), so they need 2, ~1 or ~0.52 bytes instead of 4. bf16 relies on autocast to bring the activations to
+    16 bits. Returns the number of layers changed."""
     if base_dtype == "fp32":
         return 0
     swaps = [(parent, name, child) for parent in model.transformer.h.modules()
@@ -96,15 +102,15 @@ def lower_frozen_weights(model, base_dtype):
         if base_dtype == "bf16":
             linear.to(torch.bfloat16)
         else:
-            setattr(parent, name, Int8Linear.from_linear(linear))
+            setattr(parent, name, (Int8Linear if base_dtype == "int8" else NF4Linear).from_linear(linear))
     return len(swaps)
 
 
 def restore_float(model):
-    """Undo lower_frozen_weights: every bf16 / int8 block Linear back to a float32 nn.Linear, all trainable."""
+    """Undo lower_frozen_weights: every bf16 / int8 / nf4 block Linear back to a float32 nn.Linear, all trainable."""
     for parent in model.transformer.h.modules():
         for name, child in list(parent.named_children()):
-            if isinstance(child, Int8Linear):
+            if isinstance(child, LOWERED):
                 linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
                 with torch.no_grad():
                     linear.weight.copy_(child.dequantize())
@@ -167,7 +173,7 @@ def oom_message(cfg, device):
     if cfg.optim_state == "fp32":
         tips.append("optim_state='int8'")
     if (cfg.lora_rank or cfg.freeze_layers) and cfg.base_dtype == "fp32":
-        tips.append("base_dtype='bf16' or 'int8'")
+        tips.append("base_dtype='bf16', 'int8' or 'nf4'")
     tips.append("batch_size='auto'" if cfg.batch_size != "auto" else "a smaller block_size")
     return (f"out of memory at micro-batch {cfg.batch_size} x block_size {cfg.block_size} (peak {peak:.2f} GiB "
             f"allocated of {total:.1f} GiB): try {', '.join(tips)}; the last checkpoint is untouched")
