@@ -4,10 +4,13 @@ memory switches, the largest micro-batch that fits (block 1024), its tokens/s, p
     python -m bench.memory --cap_gib 24                                   # the memory table (docs/memory.md)
     python -m bench.memory --cap_gib 79 --shapes 350M --modes full freeze_half lora8 lora64   # docs/finetuning.md
     python -m bench.memory --cap_gib 24 --nproc 2 --modes full full_ckpt      # FSDP2 over 2 GPUs, each capped
+    python -m bench.memory --cap_gib 24 --shapes 6.7B 13B 33B --modes lora_int8 lora_nf4 --max_batch 8  # 4-bit base
 
 The budget is simulated with torch.cuda.set_per_process_memory_fraction. Each (shape, mode) runs in its own
 process so nothing carries over. Weights are random (speed and memory do not depend on their values); the model is
-built on the GPU before the cap is set (loading real weights would not need more than the weights themselves).
+built on the GPU before the cap is set (loading real weights would not need more than the weights themselves); a
+low-precision base is built in bf16 and lowered (int8, nf4) layer by layer there too, so a 33B shape needs ~70 GB
+of the card before the cap.
 Steps run eagerly (no torch.compile), so each row costs seconds, not a compile. Each step is train.py's train_step.
 With --nproc N every attempt is a torchrun job of N ranks, the model sharded with FSDP2 as train.py --parallel=fsdp
 shards it (sologpt/distributed.py) and every GPU capped; the micro-batch (per GPU) is searched over whole jobs,
@@ -26,9 +29,10 @@ from sologpt.configurator import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: the children run python -m bench.memory there
 
-# name -> (n_layer, n_head, n_embd): the GPT-2 family, then GPT-3-style 2.7B and 6.7B shapes (Brown et al. 2020)
+# name -> (n_layer, n_head, n_embd): the GPT-2 family, then GPT-3-style 2.7B and 6.7B shapes (Brown et al. 2020), and
+# the 13B and 33B classes at LLaMA's depths and widths (Touvron et al. 2023; a 4x GELU MLP: 12.6B and 31.9B weights)
 SHAPES = {"124M": (12, 12, 768), "350M": (24, 16, 1024), "774M": (36, 20, 1280), "1.5B": (48, 25, 1600),
-          "2.7B": (32, 32, 2560), "6.7B": (32, 32, 4096)}
+          "2.7B": (32, 32, 2560), "6.7B": (32, 32, 4096), "13B": (40, 40, 5120), "33B": (60, 52, 6656)}
 # name -> train.py switches
 MODES = {
     "full": {},
@@ -39,6 +43,7 @@ MODES = {
     "lora64": {"lora_rank": 64},
     "lora_bf16": {"lora_rank": 8, "base_dtype": "bf16", "grad_checkpointing": 1},
     "lora_int8": {"lora_rank": 8, "base_dtype": "int8", "grad_checkpointing": 1},
+    "lora_nf4": {"lora_rank": 8, "base_dtype": "nf4", "grad_checkpointing": 1},  # QLoRA's base (sologpt/nf4.py)
 }
 
 

@@ -283,6 +283,8 @@ CASES = [
     ("checkpointing", "train", T + " --grad_checkpointing=-1", "grad_checkpointing=-1 must not be negative"),
     ("optim state", "train", T + " --optim_state=int4", "optim_state='int4' is unknown"),
     ("base dtype alone", "train", T + " --base_dtype=int8", "base_dtype='int8' applies to frozen weights"),
+    ("nf4 base alone", "train", T + " --base_dtype=nf4", "base_dtype='nf4' applies to frozen weights"),
+    ("base dtype unknown", "train", T + " --base_dtype=nf3 --lora_rank=4", "base_dtype='nf3' is unknown: use one of fp32, bf16, int8, nf4"),
     ("base bf16 cpu", "train", T + " --base_dtype=bf16 --freeze_layers=1", "base_dtype='bf16' needs 16-bit autocast"),
     ("auto batch cpu", "train", T + " --batch_size=auto", "batch_size='auto' probes for CUDA out-of-memory"),
     ("auto sequences", "train", T + " --auto_batch_sequences=-1", "auto_batch_sequences=-1 must not be negative"),
