@@ -157,7 +157,7 @@ def make_optimizer(model, cfg, device_type):
     """AdamW; weight decay on matrices (matmul weights, embeddings) only, never on biases or LayerNorm gains."""
     if cfg.optimizer == "muon":  # Muon for the blocks' matrices, AdamW for the rest (sologpt/muon.py)
         return MuonWithAdamW(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                             fused=device_type == "cuda", capturable=cfg.cuda_graphs)
+                             fused=device_type == "cuda", capturable=cfg.cuda_graphs is True)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -167,7 +167,7 @@ def make_optimizer(model, cfg, device_type):
         return LeanAdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), state_dtype=cfg.optim_state)
     # the fused CUDA kernel updates all parameters in a few launches instead of several per tensor
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type == "cuda", capturable=cfg.cuda_graphs)
+                             fused=device_type == "cuda", capturable=cfg.cuda_graphs is True)
 
 
 # ---- one optimizer step ---------------------------------------------------------------------------------------

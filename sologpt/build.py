@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from model import GPTConfig
-from sologpt import batches, checkpoint, classify, curriculum, distributed, fp8, lora, memory, quantize, sft, tag
+from sologpt import batches, checkpoint, checks, classify, curriculum, distributed, fp8, lora, memory, quantize, sft, tag
 from sologpt.checkpoint import ARCH_FIELDS
 from sologpt.chunked_ce import ChunkedLoss
 from sologpt.distill import Distill, load_teacher
@@ -116,8 +116,10 @@ def adopt_weight_fields(cfg, weights, source):
     """Record in cfg the shape and architecture the start point's weights have (they decide, not the config); a
     field the config set to another value than its default gets one warning line naming the value used."""
     default = type(cfg)()
+    unset = {key: {getattr(default, key)} for key in weights}
+    unset.get("vocab_pad_multiple", set()).add(checks.resolve_vocab_pad("auto", cfg.device.split(":")[0]))
     for key, value in weights.items():
-        if getattr(cfg, key) != value and getattr(cfg, key) != getattr(default, key):
+        if getattr(cfg, key) != value and getattr(cfg, key) not in unset[key]:  # "auto" resolved counts as unset
             print(f"warning: {key}={getattr(cfg, key)!r} is ignored: the weights of {source} have {key}={value!r}, "
                   f"which this run uses")
         setattr(cfg, key, value)

@@ -388,7 +388,7 @@ def restore(ckpt, model, optimizer, scaler, batch_gen, cfg, d=Dist(), path="chec
               f"same batches and schedule, but sums in another order, so not bit-exact")
     for group in optimizer.param_groups:  # the saved groups may come from a run with or without CUDA graphs
         group["lr"] = float(group["lr"])
-        group["capturable"] = cfg.cuda_graphs
+        group["capturable"] = cfg.cuda_graphs is True
     scaler.skipped_steps = ckpt.get("skipped_steps", 0)  # absent in checkpoints of earlier versions
     if cfg.device.startswith("cuda") and ckpt["rng"]["cuda"]:
         if d.world == 1:
@@ -500,6 +500,10 @@ def _load_lora_run(ckpt, config, path, merge):
     except ValueError as e:
         raise ValueError(f"{path}: {e}")
     load_state(base, ckpt["model"], path, strict=False)  # the trainable non-adapter tensors (e.g. the head)
+    base_dtype = (ckpt.get("train_config") or {}).get("base_dtype", "fp32")
+    if base_dtype != "fp32":  # the adapters learned on the base as training held it (bf16, int8, nf4): round it alike
+        memory.lower_frozen_weights(base, base_dtype)
+        memory.restore_float(base)
     if merge:
         lora.merge_lora(base)
     return base

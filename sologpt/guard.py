@@ -137,8 +137,12 @@ def host_copy(state, into=None):
     """The training state with every tensor copied to host memory: into the tensors of an earlier copy of the same
     layout (`into`), so the evaluations of a run reuse one set of pinned buffers and a GPU copies at full speed
     without waiting (one synchronize at the end), or into new tensors."""
+    devices = set()  # the CUDA devices copied from, to wait for
+
     def copy_of(value, old):
         if isinstance(value, torch.Tensor):
+            if value.is_cuda:
+                devices.add(value.device)
             same = isinstance(old, torch.Tensor) and (old.shape, old.dtype) == (value.shape, value.dtype)
             out = old if same else torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda)
             return out.copy_(value.detach(), non_blocking=value.is_cuda)
@@ -150,8 +154,8 @@ def host_copy(state, into=None):
             return type(value)(copy_of(v, o) for v, o in zip(value, old))
         return copy.deepcopy(value)
     out = copy_of(state, into)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # the non-blocking copies have landed before anyone reads them
+    for device in devices:
+        torch.cuda.synchronize(device)  # the non-blocking copies have landed before anyone reads them
     return out
 
 

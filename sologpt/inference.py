@@ -86,6 +86,7 @@ class Engine:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.static["logits"] = self.forward(self.static["token"], self.static["col"], self.static["pad"])
+            torch.clear_autocast_cache()  # an enclosing autocast keeps the copies made in the capture, not yet written
         self.static["token"].copy_(token)
         self.static["col"].copy_(col)
         self.static["pad"].copy_(pad)
@@ -148,7 +149,7 @@ def pick(logits, temperature, top_k, top_p, noise):
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # (B, vocab): zero where filtered
-    return (probs / noise).argmax(dim=-1, keepdim=True)
+    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1, keepdim=True)  # 0/0 never wins
 
 
 class MultiStepEngine(Engine):
@@ -205,6 +206,7 @@ class MultiStepEngine(Engine):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), ctx:
                 static["tokens"] = self.run_steps(*args)  # (B, steps)
+            torch.clear_autocast_cache()  # an enclosing autocast keeps the copies made in the capture, not yet written
             self.graphs[sampling] = graph, static
         return self.graphs[sampling]
 

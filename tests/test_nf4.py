@@ -174,6 +174,20 @@ def test_lora_on_an_nf4_base_trains_resumes_and_samples(tiny_flags, tmp_path, ba
                                                                     "--num_samples=1", "--max_new_tokens=5",
                                                                     "--stream=False"]))
     assert len(texts) == 1
+    # the tools see the model that was trained: the base rounded to nf4 under the adapters, then merged
+    from sologpt import lora
+    trained = checkpoint.load_source(str(base_ckpt))
+    lora.load_adapter(trained, resumed["adapter"])
+    memory.lower_frozen_weights(trained, "nf4")
+    loaded = checkpoint.load_model(resumed).eval()
+    idx = torch.randint(0, 65, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = trained.eval()(idx)[0], loaded(idx)[0]
+        unrounded = checkpoint.load_source(str(base_ckpt))
+        lora.load_adapter(unrounded, resumed["adapter"])
+        float_base = unrounded.eval()(idx)[0]
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert not torch.allclose(float_base, want, atol=1e-3)  # the float base is another model: the check can fail
 
 
 def test_frozen_nf4_layers_save_load_and_export_merged(tiny_flags, tmp_path, base_ckpt):

@@ -523,14 +523,16 @@ def test_cuda_graphs_need_cuda(tiny_flags, capsys):
 
 
 def test_vocab_padding_run_and_resume(tiny_flags, tmp_path, capsys):
-    """A run padded on a GPU ("auto") resumes on the CPU (auto: 1): the checkpoint's padding rows are kept, with one
-    warning line, since they are no token."""
+    """A run padded on a GPU ("auto") resumes on the CPU (auto: 1): the checkpoint's padding rows are kept, since they
+    are no token; quietly when the setting was left at "auto", with one warning line when it was set."""
     run(tiny_flags + ["--max_iters=2", "--vocab_pad_multiple=64"])
     ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
     rows, vocab = ckpt["model"]["transformer.wte.weight"].shape[0], ckpt["model_config"]["vocab_size"]
     assert rows % 64 == 0 and vocab < rows < vocab + 64
     capsys.readouterr()
-    run(tiny_flags + ["--max_iters=4", "--init_from=resume"])
+    run(tiny_flags + ["--max_iters=3", "--init_from=resume"])
+    assert "vocab_pad_multiple=1 is ignored" not in capsys.readouterr().out  # "auto" resolved to 1: nothing was asked
+    run(tiny_flags + ["--max_iters=4", "--init_from=resume", "--vocab_pad_multiple=1"])
     assert "warning: vocab_pad_multiple=1 is ignored" in capsys.readouterr().out
     ckpt = read_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["iter_num"] == 4 and ckpt["model"]["transformer.wte.weight"].shape[0] == rows
