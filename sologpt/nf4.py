@@ -4,12 +4,13 @@ base_dtype="nf4", wired in sologpt/memory.py) in about 4.127 bits per weight ins
 
 The format of one weight matrix W (out, in), read as one flat row-major vector cut into blocks of 64:
     codes     4 bits per weight, two per byte: index into the 16 NF4 levels (nf4_levels)
-    absmax    one scale per block of 64, itself quantized ("double quantization"): the mean over the tensor is
-              subtracted, then int8 symmetric absmax in blocks of 256 scales, one float32 per block of 256
+    absmax    one scale per block of 64, itself quantized ("double quantization"): its logarithm, less the mean
+              over the tensor, as int8 in blocks of 256 scales, one float32 step per block of 256
     W ~ level[code] * absmax[block]
 Bits per weight: 4 + 8 / 64 + 32 / (64 * 256) = 4.127 (QLoRA, section 3), plus one float32 mean per tensor.
-QLoRA quantizes the scales to 8-bit floats; this uses int8 on the mean-centred scales, which is simpler and, at the
-spread block scales of a weight matrix have, as accurate (tests/test_nf4.py bounds what it adds to the error).
+QLoRA quantizes the scales to 8-bit floats (a relative precision of a few percent); this codes their logarithms as
+int8, the same relative precision for every scale, which is finer at the spread of scales of a weight matrix
+(tests/test_nf4.py bounds what it adds to the error, also with outlier blocks).
 A tensor whose size is not a multiple of 64 (or whose block count is not a multiple of 256) is zero-padded; the
 padding is cut off again when dequantized.
 
@@ -76,18 +77,25 @@ def quantize_nf4(w):
 
 
 def quantize_scales(absmax):
-    """Double quantization (QLoRA, section 3): the block scales (positive, so centred on their mean first to use
-    the int8 range symmetrically) as int8 in blocks of 256, each with one float32 scale."""
-    mean = absmax.mean()
-    groups = _pad_to(absmax - mean, SCALE_BLOCK).view(-1, SCALE_BLOCK)  # (nblocks / 256, 256)
-    scale = (groups.abs().amax(dim=1) / 127).clamp(min=TINY)  # (nblocks / 256,)
-    code = (groups / scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # (nblocks / 256, 256)
-    return code.view(-1), scale, mean
+    """Double quantization (QLoRA, section 3): the block scales as int8 in blocks of 256, each block with one
+    float32 step. The scales are coded by their logarithm, centred on its mean over the tensor, so every scale
+    keeps the same relative precision: a block of tiny weights beside blocks of outliers (which a linear code
+    would round to one value, or below zero) is as exact as the rest. An all-zero block (absmax 0) has code -128
+    and scale 0."""
+    zero = absmax <= TINY
+    logs = absmax.clamp(min=TINY).log()
+    mean = logs[~zero].mean() if bool((~zero).any()) else logs.new_zeros(())
+    centred = _pad_to(torch.where(zero, 0.0, logs - mean), SCALE_BLOCK).view(-1, SCALE_BLOCK)  # (nblocks / 256, 256)
+    step = (centred.abs().amax(dim=1) / 127).clamp(min=TINY)  # (nblocks / 256,)
+    code = (centred / step[:, None]).round().clamp(-127, 127).to(torch.int8).view(-1)
+    code[:absmax.numel()][zero] = -128
+    return code, step, mean
 
 
-def dequantize_scales(code, scale, mean):
+def dequantize_scales(code, step, mean):
     """The block scales (float32, padded length) back from quantize_scales."""
-    return (code.view(-1, SCALE_BLOCK).float() * scale[:, None]).view(-1) + mean  # (nblocks padded,)
+    scales = torch.exp((code.view(-1, SCALE_BLOCK).float() * step[:, None]).view(-1) + mean)  # (nblocks padded,)
+    return torch.where(code == -128, 0.0, scales)
 
 
 def dequantize_nf4(packed, absmax_code, absmax_scale, absmax_mean, shape, dtype=torch.float32, table=None):

@@ -83,6 +83,27 @@ def test_double_quantization_changes_the_error_by_little():
     assert ((scales - absmax).abs() / absmax).max() < 0.01  # each block scale within 1%
 
 
+def test_outlier_blocks_do_not_cost_the_small_blocks_their_precision():
+    """Rows of tiny weights (x 1e-3) beside rows of outliers (x 20) in one group of 256 scales: every block scale
+    stays within 3% though they span four decades (they are coded by their logarithm; a linear int8 code rounded
+    the tiny ones to one value, some below zero), every row keeps about the error of Gaussian weights, and an
+    all-zero row comes back as zeros."""
+    w = gaussian(256, 256, seed=2)
+    w[:4] *= 1e-3
+    w[4:8] *= 20
+    w[8] = 0
+    deq, _ = nf4_round_trip(w)
+    absmax = w.reshape(-1, 64).abs().amax(dim=1)
+    _, code, step, mean = nf4.quantize_nf4(w)
+    scales = nf4.dequantize_scales(code, step, mean)[:absmax.numel()]
+    real = absmax > 0
+    assert ((scales[real] - absmax[real]).abs() / absmax[real]).max() < 0.03
+    assert torch.equal(scales[~real], torch.zeros_like(scales[~real])) and torch.equal(deq[8], w[8])
+    rows = [i for i in range(256) if i != 8]
+    errors = torch.tensor([rel_rms(deq[i], w[i]) for i in rows])
+    assert errors.max() < 0.13, errors.max()  # Gaussian weights: about 0.092 (the table in docs/memory.md)
+
+
 def test_bits_per_weight_and_format():
     w = gaussian()
     _, layer = nf4_round_trip(w)
