@@ -57,13 +57,13 @@ def dequantize_int8(q, scale):
 
 def int8_matmul(x, q, scale, bias=None):
     """F.linear(x, dequantize_int8(q, scale), bias): x (..., in) -> (..., out), in the dtype F.linear would give
-    (x's, or autocast's). On the CPU, when x needs no gradient (the kernel has none), torch's int8 weight-only
+    (x's, or autocast's). On the CPU, under no_grad (inference; the kernel has no gradient), torch's int8 weight-only
     kernel (aten._weight_int8pack_mm) with bf16 activations: it never builds the float weight, where dequantizing
     writes and reads 4 bytes per weight on every call (5x slower than float32 at batch 1). Its float32 input path
     is not vectorised (10x slower than bf16 on a 2-core AVX-512 CPU), hence bf16; it accumulates in float32, so the
     output differs from float only by bf16 rounding of the activations and of the result (tests/test_quantize.py
     bounds it)."""
-    if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+    if x.device.type == "cpu" and not torch.is_grad_enabled():  # inference only: training keeps one numerics
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)).bfloat16(), q, scale.bfloat16())
         y = y.to(dtype).view(*x.shape[:-1], q.size(0))  # (..., out)

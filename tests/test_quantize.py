@@ -351,3 +351,5 @@ def test_int8_cpu_kernel_matches_the_dequantized_weight():
     x = torch.randn(2, 64, requires_grad=True)  # with a gradient: the dequantizing path, float32 exactly
     layer = model.transformer.h[0].mlp.c_fc
     assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.dequantize(), layer.bias))
+    x = torch.randn(2, 64)  # training (grad on) before the first trainable layer: the same path, not the kernel
+    assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.dequantize(), layer.bias))
