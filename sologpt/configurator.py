@@ -57,6 +57,10 @@ def load_config(cls, argv):
             for key, value in names.items():
                 if key.startswith("_") or isinstance(value, types.ModuleType):
                     continue  # private helpers and imported modules are not settings
+                if key not in hints and key == "search_dir" or key in hints and isinstance(value, list) and not any(
+                        (typing.get_origin(t) or t) is list for t in _allowed(hints[key])):  # lists to try: a search
+                    raise UserError(f"config file {arg} is a search space ({key} = {value!r}): run it with "
+                                    f"python -m tools.search {arg}")
                 _set(cfg, hints, key, value, f"config file {arg}")
     return cfg
 

@@ -71,6 +71,14 @@ def test_a_float_must_be_finite_in_a_file_and_in_code(tmp_path):
             checks.resolve(train.TrainConfig(device="cpu", **{key: float("nan")}))
 
 
+def test_a_search_space_file_points_to_the_search_tool(tmp_path):
+    for text, shown in (("lr = [1e-3, 2e-3]\n", "lr = [0.001, 0.002]"), ("search_dir = 'x'\n", "search_dir = 'x'")):
+        path = write(tmp_path, text)
+        with pytest.raises(UserError) as e:
+            load_config(Cfg, [path])
+        assert str(e.value) == f"config file {path} is a search space ({shown}): run it with python -m tools.search {path}"
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(UserError, match="did you mean 'steps'"):
         load_config(Cfg, [write(tmp_path, "step = 3\n")])
