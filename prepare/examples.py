@@ -11,8 +11,10 @@ used, and at character level characters the model has not seen are appended afte
 old ones keep their meaning; train.py grows the embedding, new rows starting at the mean).
 """
 
+import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,10 +114,12 @@ def make_tokenizer(args, texts, extra=lambda kind: ()):
         raise PrepareError(str(e))
 
 
-def write(data_dir, arrays, meta, sources):
-    """Write every array as <name>.tmp, then move them into place and write meta.json last (as
-    prepare/common.publish: a folder without meta.json reads as unfinished)."""
-    data_dir = Path(data_dir)
+def write(args, arrays, meta):
+    """Write every array into --data_root/--name as <name>.tmp, then move them into place and write meta.json last
+    (as prepare/common.publish: a folder without meta.json reads as unfinished); meta.json names --input and
+    --val_input with their checksums. Returns (the folder, meta.json's dict, the train examples' lengths)."""
+    sources = [args.input] + ([args.val_input] if args.val_input else [])
+    data_dir = Path(args.data_root) / args.name
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
         for name, arr in arrays.items():
@@ -133,7 +137,20 @@ def write(data_dir, arrays, meta, sources):
     for name in arrays:
         os.replace(data_dir / f"{name}.tmp", data_dir / name)
     write_meta(data_dir, meta)
-    return meta
+    return data_dir, meta, np.diff(arrays["train_offsets.bin"])
+
+
+def main(write_dataset, description, argv=None):
+    """prepare/instruct.py's and prepare/tags.py's main(): the shared options, write_dataset(args), and a
+    PrepareError as one line and exit status 1."""
+    p = argparse.ArgumentParser(description=description)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        write_dataset(args)
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def token_arrays(split, examples, vocab_size, values_name, values_dtype):

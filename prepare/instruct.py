@@ -15,7 +15,6 @@ Writes data/NAME/{train,val}.bin (tokens), {train,val}_offsets.bin (int64 exampl
 reported: train.py cuts examples longer than block_size + 1 tokens (docs/finetuning.md says how).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -63,10 +62,7 @@ def write_dataset(args):
         report.append(f"{len(split):,} {name} examples")
     meta.update(task="sft", chat_template=template, dtype=np.dtype(token_dtype(meta["vocab_size"])).name,
                 max_token_id=max_id, **({"tasks": tasks} if tasks else {}))
-    sources = [args.input] + ([args.val_input] if args.val_input else [])
-    data_dir = Path(args.data_root) / args.name
-    meta = examples.write(data_dir, arrays, meta, sources)
-    train_lengths = np.diff(np.fromfile(data_dir / "train_offsets.bin", dtype=np.int64))
+    data_dir, meta, train_lengths = examples.write(args, arrays, meta)
     learned = meta["train_learned_tokens"] / meta["train_tokens"]
     print(f"{', '.join(report)}{f' ({len(tasks)} tasks: {tasks})' if tasks else ''}, tokenizer {meta['tokenizer']}; "
           f"train {examples.length_line(train_lengths)}; {100 * learned:.1f}% of the train tokens are learned "
@@ -75,14 +71,7 @@ def write_dataset(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    examples.add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        write_dataset(args)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    examples.main(write_dataset, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes data/NAME/{train,val}.bin (tokens), {train,val}_offsets.bin (int64 exampl
 (int16 per token, -1 where none) and meta.json (task "tag", the tag names in id order, O first).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -78,10 +77,7 @@ def write_dataset(args):
         meta.update(stats, **{f"{name}_words": sum(len(w) for w, _ in split)})
     meta.update(task="tag", tags=names, tag_scheme=bio.scheme(names),
                 dtype=np.dtype(token_dtype(meta["vocab_size"])).name, max_token_id=max_id)
-    sources = [args.input] + ([args.val_input] if args.val_input else [])
-    data_dir = Path(args.data_root) / args.name
-    meta = examples.write(data_dir, arrays, meta, sources)
-    lengths = np.diff(np.fromfile(data_dir / "train_offsets.bin", dtype=np.int64))
+    data_dir, meta, lengths = examples.write(args, arrays, meta)
     print(f"{meta['train_examples']:,} train, {meta['val_examples']:,} val examples, {len(names)} tags "
           f"({meta['tag_scheme']}: {names[:8]}{' ...' if len(names) > 8 else ''}), tokenizer {meta['tokenizer']}; "
           f"train {examples.length_line(lengths)} -> {data_dir}")
@@ -89,14 +85,7 @@ def write_dataset(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    examples.add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        write_dataset(args)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    examples.main(write_dataset, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
