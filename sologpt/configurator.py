@@ -65,12 +65,14 @@ def load_config(cls, argv):
     return cfg
 
 
-def run_cli(fn, cls, argv=None):
-    """A script's main(): fn(load_config(cls, argv)), argv defaulting to the command line; a UserError prints
-    one line, "error: ...", and exits with status 1; Ctrl-C that reaches it (train.py's second one) one line and
-    status 130, as a shell reports an interrupted command."""
+def run_cli(fn, cls=None, argv=None):
+    """A script's main(): fn(load_config(cls, argv)), or fn(argv) itself without a config class (the tools that
+    parse their own arguments), argv defaulting to the command line; a UserError prints one line, "error: ...",
+    and exits with status 1; Ctrl-C that reaches it (train.py's second one) one line and status 130, as a shell
+    reports an interrupted command."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return fn(load_config(cls, sys.argv[1:] if argv is None else argv))
+        return fn(load_config(cls, argv) if cls is not None else argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

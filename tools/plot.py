@@ -10,10 +10,9 @@ are dotted lines. train.py --plot=True keeps out_dir/loss.png current during a r
 """
 
 import argparse
-import sys
 
 from sologpt import plots
-from sologpt.configurator import UserError
+from sologpt.configurator import UserError, run_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,11 +39,7 @@ def run(argv):
 
 
 def main(argv=None):
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(run, argv=argv)
 
 
 if __name__ == "__main__":

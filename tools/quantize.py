@@ -8,11 +8,10 @@ a Hugging Face GPT-2 directory (sologpt/checkpoint.py's locate). The optimizer s
 sample.py, tools/score.py and train.py's teacher read the result.
 """
 
-import sys
 from pathlib import Path
 
 from sologpt import checkpoint
-from sologpt.configurator import ArgumentParser, UserError
+from sologpt.configurator import ArgumentParser, UserError, run_cli
 from sologpt.quantize import MODES, state_dict_bytes
 
 
@@ -66,11 +65,7 @@ def run(argv):
 
 
 def main(argv=None):
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(run, argv=argv)
 
 
 if __name__ == "__main__":

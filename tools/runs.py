@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from sologpt.configurator import UserError
+from sologpt.configurator import UserError, run_cli
 from sologpt.rundir import read_metrics
 
 # fields that do not change what a run learns, never shown as a difference (init_from: see differences)
@@ -135,11 +135,7 @@ def run(argv):
 
 
 def main(argv=None):
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(run, argv=argv)
 
 
 if __name__ == "__main__":
