@@ -86,7 +86,7 @@ def load_dataset(cfg, d=Dist()):
             splits = {split: load_split(data_dir, split, meta) for split in ("train", "val")}
         except (classify.ClassifyError, examples.ExampleError) as e:
             raise UserError(str(e))
-        max_id = max(int((s.tokens if hasattr(s, "tokens") else s[0]).max()) for s in splits.values())  # from the data
+        max_id = max(int(s.tokens.max()) for s in splits.values())  # from the data, as below
         if max_id >= meta["vocab_size"]:
             raise UserError(f"{data_dir} holds token id {max_id} but {data_dir / 'meta.json'} says vocab_size="
                             f"{meta['vocab_size']}: {hint} again")

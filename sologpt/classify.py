@@ -6,6 +6,7 @@ The classifier is a GPT with a head on the pooled hidden states: a subclass, so 
 state-dict keys (plus cls_head.*) and a language model becomes one by a class swap (set_classifier).
 """
 
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +66,11 @@ def set_classifier(model, n_classes, cls_pool="last"):
 
 # ---- data ----------------------------------------------------------------------------------------------------
 
+Split = namedtuple("Split", "tokens offsets labels")  # numpy arrays; tokens as in sologpt/examples.py's Split
+
+
 def load_split(data_dir, split, meta):
-    """(tokens, offsets, labels) numpy arrays of one split, checked against each other and meta.json."""
+    """Split(tokens, offsets, labels) numpy arrays of one split, checked against each other and meta.json."""
     data_dir = Path(data_dir)
     hint = "run prepare/classify.py again"
     paths = [data_dir / f"{split}{suffix}.bin" for suffix in ("", "_offsets", "_labels")]
@@ -86,7 +90,7 @@ def load_split(data_dir, split, meta):
                             f"offsets, {len(tokens)} tokens): {hint}")
     if labels.min() < 0 or labels.max() >= len(meta["labels"]):
         raise ClassifyError(f"{paths[2]} has a label id outside 0..{len(meta['labels']) - 1}: {hint}")
-    return tokens, offsets, labels
+    return Split(tokens, offsets, labels)
 
 
 def make_batch(split, rows, block_size, device):
@@ -179,13 +183,13 @@ def evaluate_splits(model, splits, cfg, ctx, n_classes, d=Dist()):
 # ---- evaluating a trained classifier on any labelled rows (tools/evaluate.py) ---------------------------------------
 
 def rows_split(ids, labels=None):
-    """(tokens, offsets, labels) arrays, as load_split returns them, of examples given as lists of ids (labels -1
+    """Split(tokens, offsets, labels) arrays, as load_split returns them, of examples given as lists of ids (labels -1
     when unknown)."""
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(x) for x in ids])
     tokens = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]) if ids else np.zeros(0, dtype=np.int64)
     labels = np.full(len(ids), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-    return tokens, offsets, labels
+    return Split(tokens, offsets, labels)
 
 
 @torch.no_grad()
