@@ -73,6 +73,24 @@ def test_optuna_sampler_asks_within_the_space_and_learns_the_history():
     assert sampler.study.best_value == 1.5
 
 
+def test_a_sigterm_that_lands_after_the_last_step_leaves_a_whole_trial(tmp_path):
+    # the prune's SIGTERM came after train.py's loop had ended (its stop line says max_iters): killed by the signal
+    # on its way out, but every step and evaluation is there, so the trial is done, not pruned
+    (tmp_path / "train.log").write_text("")
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "iter": 5, "val_loss": 3.0}\n'
+                                            '{"kind": "eval", "iter": 10, "val_loss": 2.5}\n'
+                                            '{"kind": "stop", "iter": 10, "reason": "max_iters"}\n')
+    t = {"out_dir": str(tmp_path), "pruned": "val loss 3.0000 at step 5 is worse than the median"}
+    search.finish(t, -15)
+    assert t["status"] == "done" and "pruned" not in t and t["best_val_loss"] == 2.5
+    # stopped by the SIGTERM inside its loop: pruned
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "iter": 5, "val_loss": 3.0}\n'
+                                            '{"kind": "stop", "iter": 6, "reason": "SIGTERM"}\n')
+    t = {"out_dir": str(tmp_path), "pruned": "val loss 3.0000 at step 5 is worse than the median"}
+    search.finish(t, 143)
+    assert t["status"] == "pruned" and t["pruned"].startswith("val loss")
+
+
 def test_the_median_rule():
     finished = [{"curve": {"10": 2.0, "20": 1.5}}, {"curve": {"10": 3.0}}, {"curve": {"10": 2.5, "20": 1.9}}]
     assert search.median_rule(2.6, 10, finished, startup=2).startswith("val loss 2.6000 at step 10 is worse than "
@@ -82,9 +100,11 @@ def test_the_median_rule():
     assert search.median_rule(9.0, 20, finished, startup=3) == ""  # too few finished trials reached step 20
 
 
-def test_a_grid_search_prunes_ranks_and_writes_the_best_config(tiny_flags, tmp_path, capsys):
+def test_a_grid_search_prunes_ranks_and_writes_the_best_config(tiny_flags, tmp_path, capsys, monkeypatch):
     root = tmp_path / "s"
-    search.main(tiny_flags + ["--learning_rate=[3e-3, 0.0]", "--max_iters=60", "--eval_interval=5", "--min_lr=0",
+    # the pruned trial must still be running when its step-5 evaluation is read: a quick poll, many steps left
+    monkeypatch.setattr(search, "POLL_S", 0.02)
+    search.main(tiny_flags + ["--learning_rate=[3e-3, 0.0]", "--max_iters=150", "--eval_interval=5", "--min_lr=0",
                               "--log_interval=10", f"--search_dir={root}", "--prune_startup=1"])
     out = capsys.readouterr().out
     state = json.loads((root / "search.json").read_text())
@@ -92,7 +112,7 @@ def test_a_grid_search_prunes_ranks_and_writes_the_best_config(tiny_flags, tmp_p
     assert (a["status"], b["status"]) == ("done", "pruned") and a["params"] == {"learning_rate": 3e-3}
     # the learning-rate-0 trial is worse than the first one at step 5: stopped soon after, its checkpoint kept
     assert b["pruned"].startswith("val loss") and "at step 5 is worse than the median" in b["pruned"]
-    assert 5 <= read_checkpoint(root / "trial-001" / "ckpt.pt")["iter_num"] < 60
+    assert 5 <= read_checkpoint(root / "trial-001" / "ckpt.pt")["iter_num"] < 150
     assert read_metrics(root / "trial-001", "stop")[-1]["reason"] == "SIGTERM"
     assert read_metrics(root / "trial-000", "stop")[-1]["reason"] == "max_iters"
     assert a["best_val_loss"] == min(m["val_loss"] for m in read_metrics(root / "trial-000"))
@@ -102,7 +122,7 @@ def test_a_grid_search_prunes_ranks_and_writes_the_best_config(tiny_flags, tmp_p
     assert (root / "results.md").read_text().startswith("| rank | trial | learning_rate | best val |")
     assert len((root / "results.csv").read_text().splitlines()) == 3
     best = load_config(train_mod.TrainConfig, [str(root / "best.py")])  # a config file train.py reads as it is
-    assert best.learning_rate == 3e-3 and best.max_iters == 60 and best.out_dir == str(root / "best")
+    assert best.learning_rate == 3e-3 and best.max_iters == 150 and best.out_dir == str(root / "best")
     # every trial is an ordinary run: its own config file trains it again
     trial = load_config(train_mod.TrainConfig, [str(root / "trial-001" / "trial.py")])
     assert trial.learning_rate == 0.0 and trial.out_dir == str(root / "trial-001")

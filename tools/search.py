@@ -45,7 +45,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import train
-from sologpt import checkpoint
+from sologpt import checkpoint, rundir
 from sologpt.configurator import UserError, check_type
 from tools import runs
 
@@ -344,8 +344,11 @@ def finish(t, code):
         t["best_val_loss"], t["at_step"] = best["val_loss"], best["iter"]
         t["steps"] = max(e["iter"] for e in evals)
         t["seconds"] = evals[-1].get("time_s")
-    if code == 0 and t.get("pruned"):
-        t.pop("pruned")  # it finished before the SIGTERM arrived (exit 0, not 143): a whole trial
+    stops = rundir.read_metrics(t["out_dir"], "stop")
+    ended = code == 0 or (stops and stops[-1]["reason"] in ("max_iters", "patience"))
+    if ended and t.get("pruned"):  # it finished before the SIGTERM arrived (exit 0), or the SIGTERM came after its
+        t.pop("pruned")            # loop had ended (its last stop line says so): a whole trial
+        code = 0
     if t.get("pruned"):
         t["status"] = "pruned"
     elif code == 0 and evals:
