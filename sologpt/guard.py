@@ -138,14 +138,20 @@ def host_copy(state, into=None):
     layout (`into`), so the evaluations of a run reuse one set of pinned buffers and a GPU copies at full speed
     without waiting (one synchronize at the end), or into new tensors."""
     devices = set()  # the CUDA devices copied from, to wait for
+    done = {}  # tensors already copied, by where their values live: tied weights (wte = lm_head) are copied once
 
     def copy_of(value, old):
         if isinstance(value, torch.Tensor):
+            key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), value.shape,
+                   value.stride(), value.dtype)
+            if key in done:
+                return done[key]
             if value.is_cuda:
                 devices.add(value.device)
             same = isinstance(old, torch.Tensor) and (old.shape, old.dtype) == (value.shape, value.dtype)
             out = old if same else torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda)
-            return out.copy_(value.detach(), non_blocking=value.is_cuda)
+            done[key] = out.copy_(value.detach(), non_blocking=value.is_cuda)
+            return out
         if isinstance(value, dict):
             old = old if isinstance(old, dict) else {}
             return {k: copy_of(v, old.get(k)) for k, v in value.items()}

@@ -224,3 +224,20 @@ def test_spike_guard_refuses_fsdp(char_data, tmp_path, capsys):
     err = error_of(train_mod.main, [f"--data_root={char_data}", "--dataset=tiny", "--device=cpu",
                                     "--spike_guard=True", "--parallel=fsdp"], capsys)
     assert "FSDP shards" in err
+
+
+def test_a_host_copy_keeps_tied_weights_tied_and_reuses_its_buffers():
+    from model import GPT, GPTConfig
+    from sologpt import guard
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+    state = {"model": model.state_dict(), "iter_num": 3}
+    copy = guard.host_copy(state)
+    m = copy["model"]
+    assert m["lm_head.weight"] is m["transformer.wte.weight"]  # one copy of the tied embedding, not two
+    assert all(torch.equal(m[k], v) and m[k].data_ptr() != v.data_ptr() for k, v in state["model"].items())
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    again = guard.host_copy({"model": model.state_dict(), "iter_num": 4}, into=copy)
+    assert again["model"]["lm_head.weight"] is m["lm_head.weight"] and again["iter_num"] == 4  # the same buffers
+    assert torch.equal(again["model"]["transformer.wte.weight"], model.transformer.wte.weight)
+    model.load_state_dict(again["model"])  # a rollback restores from it as from any state dict
