@@ -33,6 +33,7 @@ set of gradients never exists at once (the peak holds about one layer's). Earlie
 The update is the one step() would make from the same gradient: tested bit for bit on the CPU.
 """
 
+import math
 import os
 
 import torch
@@ -40,6 +41,9 @@ import torch
 from sologpt.lean_optim import MIN_COMPACT_NUMEL, LeanAdamW, quantize_blockwise, to_bf16_stochastic
 
 WEIGHTS_DTYPES = ("fp32", "bf16")
+# an unprojected tensor above this many values (a GPT-2 sized embedding: 38M, 6.7B's: 206M) is updated a few rows
+# at a time, so its float32 temporaries (gradient, moments, weight, noise: ~6 copies) stay ~0.4 GB, not ~5 GB
+CHUNK_NUMEL = 1 << 24
 
 
 def check(cfg):
@@ -152,32 +156,48 @@ class GaLoreAdamW(LeanAdamW):
         group = self.param_groups[gi]
         if param.grad.is_sparse:
             raise ValueError("GaLoreAdamW does not support sparse gradients: use dense ones (sparse=False)")
-        beta1, beta2 = group["betas"]
-        lr, eps = group["lr"], group["eps"]
-        grad = param.grad.float()
         state = self.state[param]
         rank = min(group["rank"], *param.shape) if group["rank"] and param.dim() == 2 else 0
         if not state:
             self._init_galore(state, param, group, rank)
         state["step"] += 1
-        step = float(state["step"])
         seed = state["step"] * 1_000_003 + index  # the rounding noise of this (step, parameter)
         if rank:
+            grad = param.grad.float()
             if (state["step"] - 1) % group["gap"] == 0:  # a new subspace every gap steps, from this gradient
                 state["projection"] = projection(grad, rank).to(state["projection"].dtype)
-            grad = project(grad, state["projection"])  # (m, r) or (r, n)
+            self._adamw(param, project(grad, state["projection"]), state, group, seed, state["projection"])
+            return
+        rows = chunk_rows(param, group["block_size"])
+        if rows >= len(param):
+            self._adamw(param, param.grad.float(), state, group, seed)
+            return
+        # a large tensor (the embedding) a few rows at a time: its float32 temporaries stay small
+        for c, r in enumerate(range(0, len(param), rows)):
+            part = moment_rows(state, r, min(r + rows, len(param)), param.shape[1:])
+            views = dict(part)
+            self._adamw(param[r:r + rows], param.grad[r:r + rows].float(), part, group, seed * 4099 + c)
+            for key, v in part.items():  # a compact moment comes back as a new tensor: into the state's rows
+                if v is not views[key]:
+                    views[key].copy_(v)
+
+    def _adamw(self, param, grad, state, group, seed, proj=None):
+        """AdamW's update of param (or a few of its rows) from grad, float32; with proj, grad is the projected
+        gradient and the update is projected back. Moments read from and written to state (lean_optim's codes)."""
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
         exp_avg, exp_avg_sq = self._read_moments(state, grad.shape)  # float32
         # torch.optim.AdamW's single-tensor update, op for op (as LeanAdamW), on the weight in float32
         weight = param if param.dtype == torch.float32 else param.float()
         weight.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay (Loshchilov & Hutter 2019)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = float(state["step"])
         step_size = lr / (1 - beta1 ** step)
         bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        if rank:
-            weight.sub_(project_back(exp_avg / denom, state["projection"], param.shape),
-                        alpha=step_size * group["scale"])
+        if proj is not None:
+            weight.sub_(project_back(exp_avg / denom, proj, param.shape), alpha=step_size * group["scale"])
         else:
             weight.addcdiv_(exp_avg, denom, value=-step_size)
         if weight is not param:  # bf16 weights: round the float32 result stochastically
@@ -212,6 +232,27 @@ class GaLoreAdamW(LeanAdamW):
         super().load_state_dict(state_dict)
         for group, keep in zip(self.param_groups, mine):  # galore_gap and galore_scale: this run's values
             group.update(keep)
+
+
+def chunk_rows(param, block_size):
+    """Rows of a large unprojected tensor updated together: about CHUNK_NUMEL values, a whole number of int8 code
+    blocks (so the chunks' codes are the whole tensor's, bit for bit); every row for tensors up to CHUNK_NUMEL."""
+    if param.dim() < 2 or param.numel() <= CHUNK_NUMEL:
+        return len(param)
+    row = param[0].numel()
+    unit = block_size // math.gcd(row, block_size)  # rows per whole number of blocks
+    return max(unit, CHUNK_NUMEL // row // unit * unit)
+
+
+def moment_rows(state, start, stop, row_shape):
+    """The moments of rows start:stop, as views into the state tensors (int8: their code blocks)."""
+    if "exp_avg_codes" not in state:
+        return {"step": state["step"], "exp_avg": state["exp_avg"][start:stop],
+                "exp_avg_sq": state["exp_avg_sq"][start:stop]}
+    row, block = torch.Size(row_shape).numel(), state["exp_avg_codes"].shape[1]
+    b0, b1 = start * row // block, -(-stop * row // block)
+    return {"step": state["step"], **{k: state[k][b0:b1] for k in (
+        "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")}}
 
 
 def galore_groups(model, weight_decay, rank, gap, scale):

@@ -45,6 +45,26 @@ def test_rank0_is_torch_adamw_bit_for_bit():
         assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("state_dtype", ["fp32", "int8"])
+def test_large_tensors_in_row_chunks_are_the_same_update(monkeypatch, state_dtype):
+    """An unprojected tensor above CHUNK_NUMEL values (the embedding of a large model) is updated a few rows at a
+    time, whole int8 code blocks per chunk: the same weights and moments, bit for bit, as in one piece."""
+    a = perturb(make_model())
+    b = copy.deepcopy(a)
+    opts = [GaLoreAdamW(adamw_groups(m), lr=1e-2, state_dtype=state_dtype) for m in (a, b)]
+    for step in range(3):
+        for i, (model, opt) in enumerate(zip((a, b), opts)):
+            monkeypatch.setattr(galore, "CHUNK_NUMEL", 1 << 24 if i == 0 else 200)  # b: wte (64 x 32) in 8 chunks
+            loss_of(model, step).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert galore.chunk_rows(b.transformer.wte.weight, 256) == 8
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    for sa, sb in zip(opts[0].state_dict()["state"].values(), opts[1].state_dict()["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
+
+
 @pytest.mark.parametrize("shape", [(12, 6), (6, 12)])
 def test_full_rank_is_adamw_in_the_rotated_space(shape):
     """At rank min(m, n) nothing is lost (Q Q^T = I), but AdamW's element-wise normalisation does not commute with
