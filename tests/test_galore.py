@@ -97,7 +97,7 @@ def test_full_rank_is_adamw_in_the_rotated_space(shape):
 def test_low_rank_tracks_adamw_on_tiny_gpt(tiny_flags, tmp_path):
     """A rank-8 projection of the 32-wide tiny GPT's matrices (a quarter of their rank; SVD every 10 steps), 60
     steps on the characters: val loss within 3% of fp32 AdamW's, also with int8 moments, bf16 weights and updates
-    in backward (measured 3.068 AdamW, 3.109 and 3.122; docs/memory.md)."""
+    in backward (measured 3.068 AdamW, 3.112 and 3.125; docs/memory.md)."""
     steps = ["--max_iters=60", "--eval_interval=60", "--eval_iters=8"]
     adamw = run_train(tiny_flags + steps + [f"--out_dir={tmp_path / 'adamw'}"])
     flags = tiny_flags + steps + ["--optimizer=galore", "--galore_rank=8", "--galore_gap=10", "--galore_scale=1.0"]
