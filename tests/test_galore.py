@@ -242,3 +242,17 @@ def test_frozen_parameters_get_no_hook_and_stay():
         if n in frozen:
             assert torch.equal(p, frozen[n]) and p.grad is None, n
     assert len(opt.handles) == len(params)
+
+
+def test_spike_guard_rolls_back_exactly(tiny_flags, tmp_path, monkeypatch, capsys):
+    """The spike guard needs no gradients: a spike at step 10 rolls GaLore's weights (bf16), moments and
+    projections back to step 5's, exactly, with the updates applied in backward."""
+    from test_guard import poison
+    poison(monkeypatch, steps={9})  # logged at step 10, an evaluation step
+    run_train(tiny_flags + NO_CLIP + ["--max_iters=12", "--spike_guard=True", "--optimizer=galore", "--galore_rank=4",
+                                      "--galore_gap=3", "--optim_state=int8", "--weights_dtype=bf16",
+                                      "--dtype=bfloat16", "--update_in_backward=True"])
+    assert "rolled back to the state of step 5 (memory)" in capsys.readouterr().out
+    from sologpt.rundir import read_metrics
+    evals = {m["iter"]: m for m in read_metrics(tmp_path / "out")}
+    assert evals[10]["val_loss"] == evals[5]["val_loss"]
