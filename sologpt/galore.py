@@ -12,7 +12,8 @@ U(R) is AdamW's normalised step (bias-corrected m / (sqrt(v) + eps)) computed on
 As in the paper, the moments are kept (not re-projected) when the subspace changes, and weight decay stays
 AdamW's decoupled one on the full weight. Which tensors are projected: the 2-D weights inside the transformer
 blocks (attention and MLP matrices), as the paper projects those; the embedding (the tied output layer), norm
-gains and biases take plain AdamW steps (rank 0 here), their moments stored like the others (optim_state).
+gains and biases take plain AdamW steps (rank 0 here), their moments stored like the others (optim_state). GPT-2's
+fused q, k, v weight (3C x C) is one matrix here, projected on its input side, which q, k and v share.
 
 Full rank is not AdamW: with r = min(m, n) the projection loses nothing (Q Q^T = I), but AdamW's element-wise
 normalisation does not commute with a rotation, so GaLore at full rank is AdamW in the rotated coordinates R, not
@@ -105,8 +106,13 @@ def projection(grad, rank):
     G G^T, min(m, n) square): one symmetric eigendecomposition instead of an SVD of G, several times faster on a
     GPU; squaring the singular values costs precision only in the small ones, which are not kept."""
     g = grad.float()
-    gram = g.mT @ g if g.shape[0] >= g.shape[1] else g @ g.mT  # (k, k), k = min(m, n)
-    _, vectors = torch.linalg.eigh(gram)  # eigenvalues in ascending order
+    right = g.shape[0] >= g.shape[1]
+    gram = g.mT @ g if right else g @ g.mT  # (k, k), k = min(m, n)
+    try:
+        _, vectors = torch.linalg.eigh(gram)  # eigenvalues in ascending order
+    except torch.linalg.LinAlgError:  # did not converge (rare): the SVD of the gradient itself
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        return (vh[:rank].mT if right else u[:, :rank]).contiguous()
     return vectors[:, -rank:].flip(1).contiguous()  # the largest first
 
 

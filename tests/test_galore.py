@@ -65,6 +65,17 @@ def test_large_tensors_in_row_chunks_are_the_same_update(monkeypatch, state_dtyp
         assert all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
 
 
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_projection_is_the_top_singular_subspace(shape):
+    """The eigenvectors of the smaller Gram matrix span the top-r singular subspace of the SVD, on the shorter side."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    p = projection(g, 5)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    ref = vh[:5].mT if shape[0] >= shape[1] else u[:, :5]
+    assert p.shape == (min(shape), 5)
+    assert torch.allclose(p @ p.mT, ref @ ref.mT, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(12, 6), (6, 12)])
 def test_full_rank_is_adamw_in_the_rotated_space(shape):
     """At rank min(m, n) nothing is lost (Q Q^T = I), but AdamW's element-wise normalisation does not commute with
