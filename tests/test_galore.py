@@ -267,3 +267,17 @@ def test_spike_guard_rolls_back_exactly(tiny_flags, tmp_path, monkeypatch, capsy
     from sologpt.rundir import read_metrics
     evals = {m["iter"]: m for m in read_metrics(tmp_path / "out")}
     assert evals[10]["val_loss"] == evals[5]["val_loss"]
+
+
+@pytest.mark.parametrize("mode", ["full_bwd", "full_galore"])
+def test_bench_memory_modes_are_valid_configs(mode):
+    """bench/memory.py (CUDA only) builds its all-parameter modes' configs with mode_config: they pass the checks,
+    and train.py's make_optimizer hooks the updates into backward."""
+    import argparse
+    from bench.memory import mode_config
+    cfg = mode_config(mode, 2, argparse.Namespace(block_size=16, nproc=0, galore_rank=8), device="cpu")
+    galore.check(cfg)
+    model = make_model()
+    opt = train_mod.make_optimizer(model, cfg, "cpu")
+    assert isinstance(opt, UpdateInBackward) and cfg.grad_clip == 0 and cfg.weights_dtype == "bf16"
+    assert any(g["rank"] == 8 for g in opt.param_groups) == (mode == "full_galore")
