@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sologpt import batches, build, checks, checkpoint, distributed, hardware, memory
+from sologpt import batches, build, checks, checkpoint, distributed, galore, hardware, memory
 from sologpt.configurator import UserError, print_config, run_cli
 from sologpt.cuda_graph import GraphedStep
 from sologpt.guard import Guard
@@ -88,9 +88,17 @@ class TrainConfig:
     grad_checkpointing: int = 0  # k > 0: recompute every k-th block's activations in backward (1: every block)
     chunked_loss: int = 0  # N > 0: output layer + loss N tokens at a time, never all (tokens x vocab) logits
     optim_state: str = "fp32"  # AdamW moments in "fp32", "bf16" or "int8" (block-wise 8-bit; sologpt/lean_optim.py)
+    weights_dtype: str = "fp32"  # "bf16": trainable weights in bf16, no fp32 copy, updates rounded stochastically
+    # (sologpt/galore.py; needs dtype bfloat16)
+    update_in_backward: bool = False  # run each parameter's update in backward, as soon as its gradient of the
+    # step's last micro-batch is complete, and free that gradient (sologpt/galore.py; needs grad_clip=0)
     base_dtype: str = "fp32"  # frozen Linear weights (freeze_layers, LoRA base) in "fp32", "bf16", "int8" or "nf4"
     # ---- optimizer: AdamW, decoupled weight decay on matrices only
-    optimizer: str = "adamw"  # "muon": Muon (orthogonalised momentum) for the blocks' matrices, AdamW for the rest
+    optimizer: str = "adamw"  # "muon": Muon (orthogonalised momentum) for the blocks' matrices, AdamW for the rest;
+    # "galore": AdamW whose moments live in a low-rank projection of the blocks' matrix gradients (sologpt/galore.py)
+    galore_rank: int = 128  # optimizer "galore": rank of the projection (clamped to each matrix's smaller side)
+    galore_gap: int = 200  # optimizer "galore": steps between SVDs that refresh the projection (update_proj_gap)
+    galore_scale: float = 0.25  # optimizer "galore": the projected update's scale (the paper's alpha)
     learning_rate: float = 6e-4  # peak learning rate
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -158,6 +166,8 @@ def make_optimizer(model, cfg, device_type):
     if cfg.optimizer == "muon":  # Muon for the blocks' matrices, AdamW for the rest (sologpt/muon.py)
         return MuonWithAdamW(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                              fused=device_type == "cuda", capturable=cfg.cuda_graphs is True)
+    if cfg.optimizer == "galore" or cfg.update_in_backward or cfg.weights_dtype != "fp32":
+        return galore.make_optimizer(model, cfg)  # per-parameter updates, possibly inside backward
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},

@@ -5,6 +5,7 @@ memory switches, the largest micro-batch that fits (block 1024), its tokens/s, p
     python -m bench.memory --cap_gib 79 --shapes 350M --modes full freeze_half lora8 lora64   # docs/finetuning.md
     python -m bench.memory --cap_gib 24 --nproc 2 --modes full full_ckpt      # FSDP2 over 2 GPUs, each capped
     python -m bench.memory --cap_gib 24 --shapes 6.7B 13B 33B --modes lora_int8 lora_nf4 --max_batch 8  # 4-bit base
+    python -m bench.memory --cap_gib 24 --shapes 1.5B 2.7B 6.7B --modes full_lean full_bwd full_galore  # all weights
 
 The budget is simulated with torch.cuda.set_per_process_memory_fraction. Each (shape, mode) runs in its own
 process so nothing carries over. Weights are random (speed and memory do not depend on their values); the model is
@@ -44,7 +45,29 @@ MODES = {
     "lora_bf16": {"lora_rank": 8, "base_dtype": "bf16", "grad_checkpointing": 1},
     "lora_int8": {"lora_rank": 8, "base_dtype": "int8", "grad_checkpointing": 1},
     "lora_nf4": {"lora_rank": 8, "base_dtype": "nf4", "grad_checkpointing": 1},  # QLoRA's base (sologpt/nf4.py)
+    # all parameters (sologpt/galore.py): bf16 weights (stochastic rounding), updates in backward, int8 moments;
+    # full_galore's moments only for a rank --galore_rank projection of the blocks' matrices (GaLore's 7B recipe)
+    "full_bwd": {"grad_checkpointing": 1, "optim_state": "int8", "weights_dtype": "bf16", "update_in_backward": True},
+    "full_galore": {"grad_checkpointing": 1, "optim_state": "int8", "weights_dtype": "bf16", "update_in_backward": True,
+                    "optimizer": "galore"},
 }
+
+
+def mode_config(mode, n_layer, args, device="cuda"):
+    """train.py's config for a mode: the switches, bf16 autocast, eager steps, micro-batch 1 (searched later)."""
+    import train
+    sw = MODES[mode]
+    return train.TrainConfig(device=device, dtype="bfloat16", block_size=args.block_size, compile=False,
+                             cuda_graphs=False,
+                             optim_state=sw.get("optim_state", "fp32"), lora_rank=sw.get("lora_rank", 0),
+                             base_dtype=sw.get("base_dtype", "fp32"),
+                             grad_checkpointing=sw.get("grad_checkpointing", 0),
+                             lora_targets="all", freeze_layers=n_layer // 2 if sw.get("freeze_half") else 0,
+                             parallel="fsdp" if args.nproc else "ddp", batch_size=1,
+                             gradient_accumulation_steps=int(os.environ.get("WORLD_SIZE", 1)),
+                             optimizer=sw.get("optimizer", "adamw"), weights_dtype=sw.get("weights_dtype", "fp32"),
+                             update_in_backward=sw.get("update_in_backward", False), galore_rank=args.galore_rank,
+                             grad_clip=0.0 if sw.get("update_in_backward") else 1.0)
 
 
 def run_one(shape, mode, args):
@@ -53,25 +76,18 @@ def run_one(shape, mode, args):
 
     import train
     from model import GPT, GPTConfig
-    from sologpt import distributed, memory
+    from sologpt import distributed, galore, memory
     from sologpt.build import add_lora
     from sologpt.freeze import freeze
     from sologpt.hardware import LossScaler
 
     n_layer, n_head, n_embd = SHAPES[shape]
-    sw = MODES[mode]
-    cfg = train.TrainConfig(device="cuda", dtype="bfloat16", block_size=args.block_size, compile=False,
-                            cuda_graphs=False,
-                            optim_state=sw.get("optim_state", "fp32"), lora_rank=sw.get("lora_rank", 0),
-                            base_dtype=sw.get("base_dtype", "fp32"), grad_checkpointing=sw.get("grad_checkpointing", 0),
-                            lora_targets="all", freeze_layers=n_layer // 2 if sw.get("freeze_half") else 0,
-                            parallel="fsdp" if args.nproc else "ddp", batch_size=1,
-                            gradient_accumulation_steps=int(os.environ.get("WORLD_SIZE", 1)))
+    cfg = mode_config(mode, n_layer, args)
     d = distributed.setup(cfg)  # --nproc: the process group; this rank's GPU is cfg.device, cuda:LOCAL_RANK
     torch.backends.cuda.matmul.allow_tf32 = True
     low = cfg.base_dtype != "fp32"
     with torch.device(cfg.device):
-        if low:  # a frozen base never needs fp32: build it in bf16 so building stays within the card
+        if low or cfg.weights_dtype == "bf16":  # a frozen base (or bf16 weights) never needs fp32: build in bf16
             torch.set_default_dtype(torch.bfloat16)
         model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=args.block_size,
                               vocab_size=50257, vocab_pad_multiple=64, grad_checkpointing=cfg.grad_checkpointing))
@@ -83,6 +99,7 @@ def run_one(shape, mode, args):
             if p.requires_grad:
                 p.data = p.data.float()
     memory.lower_frozen_weights(model, cfg.base_dtype)
+    galore.lower_weights(model, cfg.weights_dtype)  # bf16 weights: built so already
     distributed.shard(model, cfg, d)  # --nproc: FSDP2, as train.py shards
     if low:  # embeddings and LayerNorms stay in fp32, as train.py keeps them
         for m in model.modules():
@@ -98,7 +115,7 @@ def run_one(shape, mode, args):
 
     def step(b):
         x = torch.randint(50257, (b, args.block_size), device=cfg.device)
-        train.train_step(model, optimizer, scaler, [(x, x, {})], ctx, grad_clip=1.0)
+        train.train_step(model, optimizer, scaler, [(x, x, {})], ctx, grad_clip=cfg.grad_clip)
 
     def try_step(b):  # a real step, optimizer state included; lr 0 leaves the weights as they are
         for g in optimizer.param_groups:
@@ -133,10 +150,15 @@ def run_one(shape, mode, args):
 
 
 def time_it(step, mb, optimizer, args, result, world=1):
-    """Two warm-up steps, then args.steps timed ones at micro-batch mb (per GPU); fills result."""
+    """Two warm-up steps, then args.steps timed ones at micro-batch mb (per GPU); fills result. GaLore: the timed
+    steps refresh no projection (train.py does every galore_gap steps, 200 by default); one more step that
+    refreshes them all counts towards the peak, and its extra time is refresh_s."""
     import torch
+    galore = any(g.get("rank") for g in optimizer.param_groups)
     for g in optimizer.param_groups:
         g["lr"] = 1e-5
+        if galore:
+            g["gap"] = 1 << 30
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         step(mb)
@@ -146,6 +168,13 @@ def time_it(step, mb, optimizer, args, result, world=1):
         step(mb)
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / args.steps
+    if galore:  # the peak of a step that refreshes every projection, and its extra time
+        for g in optimizer.param_groups:
+            g["gap"] = 1
+        t = time.perf_counter()
+        step(mb)
+        torch.cuda.synchronize()
+        result["refresh_s"] = time.perf_counter() - t - dt
     result.update(micro_batch=mb, tok_s=mb * args.block_size * world / dt, ms=dt * 1000,
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30)
 
@@ -185,6 +214,7 @@ def main():
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--max_batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--galore_rank", type=int, default=1024, help="full_galore's rank (1024: GaLore's 7B runs)")
     p.add_argument("--nproc", type=int, default=0, help="FSDP2 over this many GPUs (torchrun), each capped")
     p.add_argument("--one", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--micro_batch", type=int, default=0, help=argparse.SUPPRESS)
@@ -223,8 +253,9 @@ def main():
                     continue
                 r = json.loads(line[len("RESULT "):])
             if r["micro_batch"]:
+                refresh = f"  (projection refresh: +{r['refresh_s']:.1f} s)" if "refresh_s" in r else ""
                 print(f"{shape:>6} {mode:>12} {r['trainable']:>14,} {r['micro_batch']:>11} {r['tok_s']:>10,.0f} "
-                      f"{r['peak_gib']:>9.2f}", flush=True)
+                      f"{r['peak_gib']:>9.2f}{refresh}", flush=True)
             else:
                 print(f"{shape:>6} {mode:>12} {r['trainable']:>14,} {'does not fit':>11} {r.get('error', '')[:60]}",
                       flush=True)

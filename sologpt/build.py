@@ -5,7 +5,8 @@ swap, a wrapper, a batch source or an evaluation, so the training loop itself na
    directory, or another run's checkpoint file (its weights, with a fresh optimizer and schedule) - then the
    switches that change which weights exist, train or how they are stored, in this fixed order: task head
    (classify.py, tag.py), freezing (freeze.py), LoRA adapters (lora.py), fake quantization (qat, quantize.py),
-   low-precision frozen weights (base_dtype, memory.py), the resumed weights, fp8 matmuls (fp8.py). Checkpoint keys
+   low-precision frozen weights (base_dtype, memory.py), the resumed weights, bf16 trainable weights
+   (weights_dtype, galore.py), fp8 matmuls (fp8.py). Checkpoint keys
    never change.
 2. loss_model: what the training step calls, forward(x, y, **kw) -> (logits, loss): the model itself, or a
    wrapper that computes the loss chunk by chunk (chunked_loss, chunked_ce.py) or mixes in a teacher's soft labels
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 from model import GPTConfig
-from sologpt import batches, checkpoint, checks, classify, curriculum, distributed, fp8, lora, memory, quantize, sft, tag
+from sologpt import (batches, checkpoint, checks, classify, curriculum, distributed, fp8, galore, lora, memory,
+                     quantize, sft, tag)
 from sologpt.checkpoint import ARCH_FIELDS
 from sologpt.chunked_ce import ChunkedLoss
 from sologpt.distill import Distill, load_teacher
@@ -70,6 +72,7 @@ def build_model(cfg, meta, max_id, ckpt=None, ckpt_path=None):
     memory.lower_frozen_weights(model, cfg.base_dtype)  # before loading: a checkpoint holds them lowered already
     if ckpt is not None:
         checkpoint.load_state(model, ckpt["model"], ckpt_path, strict="adapter" not in ckpt)
+    galore.lower_weights(model, cfg.weights_dtype)  # bf16 trainable weights (after loading: bf16 -> fp32 -> bf16)
     if cfg.fp8 or cfg.fp8_head:
         fp8.check_fp8_device(cfg.device, "fp8" if cfg.fp8 else "fp8_head")
         fp8.convert_to_fp8(model, head=cfg.fp8_head, blocks=cfg.fp8)  # same parameters and checkpoint keys

@@ -41,7 +41,8 @@ FORMAT_VERSION = 1  # bump when the layout changes
 # train_config fields a resumed run must share with its checkpoint: they decide which tensors exist, train, or how
 # they are stored
 RESUME_FIXED = ("task", "cls_pool", "sft_loss", "freeze_layers", "freeze_embeddings", "lora_rank", "lora_alpha",
-                "lora_targets", "optim_state", "base_dtype", "qat", "qat_group_size", "fp8", "fp8_head", "optimizer")
+                "lora_targets", "optim_state", "base_dtype", "qat", "qat_group_size", "fp8", "fp8_head", "optimizer",
+                "galore_rank", "weights_dtype")
 ARCH_FIELDS = ("rope", "norm", "qk_norm", "mlp_act", "tie_embeddings")  # model.py's architecture options
 SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", *ARCH_FIELDS)
 # GPTConfig fields left out of a checkpoint while at their defaults, so a plain model's checkpoint stays readable by
@@ -429,6 +430,8 @@ def check_moments(optimizer, state, path):
         raise ValueError(f"{path} holds optimizer state for {len(ids)} parameters, this run trains {len(params)}: "
                          f"resume with the settings it was trained with")
     for i, p in zip(ids, params):
+        if "projection" in moments.get(i, {}):  # GaLore: the moments have the projected shape (sologpt/galore.py)
+            continue
         for key, t in moments.get(i, {}).items():
             if key in ("exp_avg", "exp_avg_sq", "momentum_buffer") and tuple(t.shape) != tuple(p.shape):
                 raise damaged(path, f"the optimizer's {key} of parameter {i} has shape {tuple(t.shape)}, the "

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from model import GPTConfig
 from sologpt import (board, checkpoint, chunked_ce, classify, cuda_graph, curriculum, distill, distributed, fp8, freeze,
-                     guard, lora, memory, muon, plots, quantize, sft)
+                     galore, guard, lora, memory, muon, plots, quantize, sft)
 from sologpt.configurator import UserError, resolve_auto_bool
 from sologpt.hardware import resolve_device
 
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient")
 # each feature's own checks, in this order; they run after the device and dtype are resolved
 FEATURE_CHECKS = (classify.check, sft.check, freeze.check, memory.check, curriculum.check, quantize.check,
-                  distill.check, lora.check, muon.check, chunked_ce.check, fp8.check, distributed.check, guard.check,
+                  distill.check, lora.check, muon.check, galore.check, chunked_ce.check, fp8.check, distributed.check, guard.check,
                   plots.check, board.check, cuda_graph.resolve)
 
 

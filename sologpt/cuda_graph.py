@@ -36,6 +36,9 @@ def resolve(cfg):
         needs.append("bfloat16 or float32 (float16 loss scaling checks for overflow on the host)")
     if cfg.optim_state != "fp32":
         needs.append(f"optim_state 'fp32' (the lean optimizer states are not capturable; here {cfg.optim_state!r})")
+    if cfg.optimizer == "galore" or cfg.update_in_backward or cfg.weights_dtype != "fp32":
+        needs.append("no optimizer 'galore', update_in_backward or weights_dtype 'bf16' (sologpt/galore.py's updates "
+                     "are not capturable)")
     if cfg.seq_warmup_iters:
         needs.append("no seq_warmup_iters (a graph replays one batch shape)")
     if cfg.spike_guard:

@@ -8,7 +8,9 @@ come on top, per token: about 34 * n_embd bytes per layer under 16-bit autocast 
 (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4, without the
 attention-score term that flash attention never stores), plus the logits: 2 bytes (bf16) + 4 (fp32 copy for the
 loss) + 4 (their gradient) per vocabulary entry. Gradient checkpointing keeps only each checkpointed block's input
-(4 * n_embd).
+(4 * n_embd). All-parameter training in less (galore.py): weights_dtype "bf16" makes weights and gradients 2 bytes,
+update_in_backward frees each gradient as it is used (about one block's gradients at a time), and GaLore keeps
+moments only for a rank-r projection of each block matrix.
 """
 
 import gc
@@ -42,8 +44,20 @@ def check(cfg):
 
 def optimizer_bytes(model, cfg):
     """The optimizer's state: AdamW keeps two moments per trainable parameter (MOMENT_BYTES); Muon one fp32
-    momentum per weight matrix in the blocks, and AdamW's two for the rest."""
+    momentum per weight matrix in the blocks, and AdamW's two for the rest; GaLore (galore.py) AdamW's two moments
+    of the projected r x max(m, n) gradient of each block matrix plus its min(m, n) x r projection (fp32 with fp32
+    moments, else bf16), and AdamW's two for the rest."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if getattr(cfg, "optimizer", "adamw") == "galore":
+        total = 0
+        for n, p in params:
+            if p.dim() == 2 and n.startswith("transformer.h."):
+                r = min(cfg.galore_rank, *p.shape)
+                total += MOMENT_BYTES[cfg.optim_state] * r * max(p.shape)
+                total += (4 if cfg.optim_state == "fp32" else 2) * r * min(p.shape)
+            else:
+                total += MOMENT_BYTES[cfg.optim_state] * p.numel()
+        return total
     if getattr(cfg, "optimizer", "adamw") != "muon":
         return MOMENT_BYTES[cfg.optim_state] * sum(p.numel() for _, p in params)
     muon = sum(p.numel() for n, p in params if p.dim() == 2 and n.startswith("transformer.h."))
@@ -65,7 +79,8 @@ def estimate(model, cfg):
                         if isinstance(m, nn.Linear) and not m.weight.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     other_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) - frozen_linear
-    weights = 4 * (trainable + other_frozen) + BASE_BYTES[cfg.base_dtype] * frozen_linear
+    weight_bytes = 2 if getattr(cfg, "weights_dtype", "fp32") == "bf16" else 4  # galore.py's bf16 weights
+    weights = weight_bytes * (trainable + other_frozen) + BASE_BYTES[cfg.base_dtype] * frozen_linear
     weights += sum(b.numel() * b.element_size() for m in model.transformer.h.modules()  # int8 / nf4: the stored
                    if isinstance(m, LOWERED) for b in m.state_dict().values())  # buffers (nf4's 2 KB table aside)
     weights = int(weights)
@@ -79,7 +94,12 @@ def estimate(model, cfg):
         layers = n_ckpt * 4 * c.n_embd + (c.n_layer - n_ckpt + 1) * per_layer
     else:
         layers = c.n_layer * per_layer
-    out = {"weights": weights, "gradients": 4 * trainable, "optimizer": optimizer_bytes(model, cfg),
+    grads = trainable
+    if getattr(cfg, "update_in_backward", False):  # gradients freed as they are used: about one block's at a time,
+        # and the largest tensor (a tied embedding's gradient waits from the output layer to the input lookup)
+        grads = max((p.numel() for p in model.parameters() if p.requires_grad), default=0) + \
+            sum(p.numel() for p in model.transformer.h[0].parameters() if p.requires_grad)
+    out = {"weights": weights, "gradients": weight_bytes * grads, "optimizer": optimizer_bytes(model, cfg),
            "activations": tokens * layers + loss_bytes(c, tokens, getattr(cfg, "chunked_loss", 0))}
     gib = {k: v / 2**30 for k, v in out.items()}
     line = (f"memory estimate: weights {gib['weights']:.2f} + gradients {gib['gradients']:.2f} + optimizer "

@@ -23,8 +23,8 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan et al. 2024: a quintic tha
 
 
 def check(cfg):
-    if cfg.optimizer not in ("adamw", "muon"):
-        raise ValueError(f"optimizer={cfg.optimizer!r} is unknown: use 'adamw' or 'muon'")
+    if cfg.optimizer not in ("adamw", "muon", "galore"):
+        raise ValueError(f"optimizer={cfg.optimizer!r} is unknown: use 'adamw', 'muon' or 'galore'")
     if cfg.optimizer == "muon" and (cfg.lora_rank or cfg.optim_state != "fp32"):
         raise ValueError("optimizer='muon' trains whole matrices with its own fp32 momentum: it cannot be combined "
                          "with lora_rank or optim_state; use optimizer='adamw' for those")
