@@ -16,8 +16,8 @@ from sologpt.hardware import resolve_device
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient")
 # each feature's own checks, in this order; they run after the device and dtype are resolved
 FEATURE_CHECKS = (classify.check, sft.check, freeze.check, memory.check, curriculum.check, quantize.check,
-                  distill.check, lora.check, muon.check, galore.check, chunked_ce.check, fp8.check, distributed.check, guard.check,
-                  plots.check, board.check, cuda_graph.resolve)
+                  distill.check, lora.check, muon.check, galore.check, chunked_ce.check, fp8.check, distributed.check,
+                  guard.check, plots.check, board.check, cuda_graph.resolve)
 
 
 def resolve(cfg):
