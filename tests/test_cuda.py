@@ -403,3 +403,33 @@ def test_galore_train_py_run_on_cuda(gpu_flags, tmp_path):
     assert cfg["compile"] is False
     m = metrics(tmp_path / "out")
     assert m[12]["val_loss"] < m[0]["val_loss"] - 0.3
+
+
+def test_nf4_linear_on_cuda_eager_and_compiled_matches_the_cpu(gpu_flags, tmp_path):
+    """An NF4Linear moved to CUDA computes what it computes on the CPU (eager, bf16 autocast, torch.compile), and a
+    LoRA run on an nf4 base trains on CUDA."""
+    from sologpt import nf4
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 192)
+    with torch.no_grad():
+        linear.weight.mul_(0.1)
+    layer = nf4.NF4Linear.from_linear(linear)
+    x = torch.randn(4, 7, 256)
+    want = layer(x)
+    gpu = nf4.NF4Linear.from_linear(linear).cuda()
+    torch.testing.assert_close(gpu.dequantize().cpu(), layer.dequantize(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), want, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = gpu(x.cuda())
+        compiled = torch.compile(gpu)(x.cuda())
+    assert eager.dtype == compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(eager.float().cpu(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    base = tmp_path / "base"
+    run(gpu_flags + [f"--out_dir={base}", "--max_iters=8"])
+    out = tmp_path / "lora"
+    run(gpu_flags + [f"--out_dir={out}", f"--init_from={base / 'ckpt.pt'}", "--lora_rank=4", "--lora_targets=all",
+                     "--base_dtype=nf4", "--dtype=bfloat16", "--learning_rate=3e-3"])
+    losses = [m["val_loss"] for m in metrics(out).values()]
+    assert read_checkpoint(out / "ckpt.pt")["train_config"]["base_dtype"] == "nf4"
+    assert all(v == v for v in losses) and losses[-1] < losses[0]
