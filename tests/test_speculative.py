@@ -123,3 +123,16 @@ def test_sample_refuses_a_draft_of_another_vocabulary(trained, tmp_path):
         sample([f"--out_dir={trained}", f"--draft={trained}", "--draft_tokens=0"])
     with pytest.raises(Exception, match="exceed the model's block_size=32"):
         sample([f"--out_dir={trained}", f"--draft={trained}", "--max_new_tokens=40"])
+
+
+def test_bench_measures_speculation_beside_the_engines(tmp_path):
+    cmd = [sys.executable, "-m", "bench.generate", "--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd",
+           "32", "--batch_sizes", "1", "--prompt", "4", "--new", "8", "--no_hf", "--reps", "1", "--check"]
+    res = subprocess.run(cmd + ["--draft", "1x32", "--draft_tokens", "2"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "speculative, k=2" in res.stdout and "accepted" in res.stdout
+    assert "check: all greedy tokens equal" in res.stdout
+    res = subprocess.run(cmd + ["--draft", str(tmp_path / "nothing")], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and len(res.stderr.splitlines()) == 1, res.stderr
