@@ -166,7 +166,7 @@ def sample(cfg):
     rows, max_len = min(cfg.batch_size, len(prompts)), longest + cfg.max_new_tokens
     if draft is not None:
         try:
-            engine = SpeculativeEngine(model, draft, max_len, cfg.device, dtype, cfg.draft_tokens)
+            engine = SpeculativeEngine(model, draft, max_len, cfg.device, dtype, cfg.draft_tokens, cfg.cuda_graph)
         except ValueError as e:  # prompt + max_new_tokens past a block_size, draft_tokens < 1
             raise UserError(f"draft: {e}")
     elif max_len <= bs:  # the batched engine; beyond block_size GPT.generate slides the window

@@ -6,7 +6,7 @@ them, so the text follows the target's own distribution while the target runs on
 One round, with q_i and p_i the draft's and the target's distributions for the i-th new position (both after the
 same temperature, top_k and top_p filtering, so the output follows the target's filtered distribution):
 
-    draft:  d_i ~ q_i for i = 1..k              (k one-token steps over the draft's own KV cache)
+    draft:  d_i ~ q_i for i = 1..k              (k steps over the draft's own KV cache)
     target: p_1..p_k+1 from one forward of [last token, d_1..d_k] over the target's KV cache
     accept d_i while u_i < p_i(d_i) / q_i(d_i), u_i ~ U(0, 1)
     at the first rejected i: draw from normalize(max(p_i - q_i, 0)); if all k are accepted: draw from p_k+1
@@ -16,8 +16,12 @@ argmax is kept while it equals the target's, so the tokens are exactly the targe
 
 Both models run through sologpt/inference.py's Engine (its KV cache and masked forward). A cache is "rolled back"
 by its length alone: columns past the accepted tokens hold rejected drafts, which no query attends to until the
-next round writes over them. Rows are generated one after another (batch 1): per-row acceptance with a shared cache
-column would need per-row positions.
+next round writes over them. Every round has the same shapes, so on CUDA it can be recorded once and replayed as
+one CUDA graph (cuda_graph), with one host sync per round to read the tokens: the draft's first step always reads
+the last two tokens (the one before the last is rewritten with the same values, or is the last draft of a round
+that kept all k), the target always reads k + 1, and near max_new_tokens the steps past the end rewrite the
+cache's last column (as in MultiStepEngine) and their tokens are dropped. Rows are generated one after another
+(batch 1): per-row acceptance with a shared cache column would need per-row positions.
 """
 
 import torch
@@ -43,20 +47,19 @@ def check_pair(target, draft, target_meta=None, draft_meta=None):
 
 
 def probs_of(logits, temperature, top_k, top_p):
-    """The distribution tokens are drawn from, (..., vocab) in float32: one-hot on the argmax for temperature 0."""
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
-    shape = logits.shape
-    return filter_logits(logits.reshape(-1, shape[-1]), temperature, top_k, top_p).softmax(-1).view(shape)
+    """The distribution tokens are drawn from, (N, vocab) in float32: one-hot on the argmax for temperature 0."""
+    if temperature == 0:  # (scatter, not one_hot, which checks its input on the host for some devices)
+        return torch.zeros_like(logits, dtype=torch.float).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return filter_logits(logits, temperature, top_k, top_p).softmax(-1)
 
 
-def draw(probs, generator, greedy):
-    """One token from each row of probs (N, vocab) -> (N, 1), with no host sync: the exponential race of
-    sologpt/inference.py's pick (argmax of p / E, E ~ Exp(1)); the argmax when greedy."""
-    if greedy:
-        return probs.argmax(-1, keepdim=True)
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1, keepdim=True)
+def draw(weights, noise):
+    """One token from each row of weights (N, vocab), which need not sum to 1 -> (N,), with no host sync: the
+    exponential race of sologpt/inference.py's pick (argmax of w / E, E ~ Exp(1): token i wins with probability
+    w_i / sum(w)); the argmax when noise is None (greedy)."""
+    if noise is None:
+        return weights.argmax(-1)
+    return (weights / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
 
 
 class SpeculativeEngine:
@@ -64,7 +67,7 @@ class SpeculativeEngine:
     generate() as Engine's; stats counts the draft tokens proposed and accepted, the target's forwards (prefills
     included) and the tokens returned."""
 
-    def __init__(self, model, draft, max_len, device, dtype=None, draft_tokens=4):
+    def __init__(self, model, draft, max_len, device, dtype=None, draft_tokens=4, cuda_graph=False):
         check_pair(model, draft)
         if draft_tokens < 1:
             raise ValueError(f"draft_tokens={draft_tokens} must be at least 1")
@@ -72,70 +75,112 @@ class SpeculativeEngine:
             if max_len > m.config.block_size:
                 raise ValueError(f"prompt + new tokens ({max_len}) exceed the {name}'s block_size="
                                  f"{m.config.block_size}")
-        self.k, self.device = draft_tokens, torch.device(device)
+        self.k, self.device, self.vocab_size = draft_tokens, torch.device(device), model.config.vocab_size
         self.target = Engine(model, 1, max_len, device, dtype)
         self.draft = Engine(draft, 1, max_len, device, dtype)
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.graphs = {}  # (temperature, top_k, top_p) -> (CUDA graph, its inputs and output)
         self.stats = {"proposed": 0, "accepted": 0, "target_forwards": 0, "tokens": 0}
 
     def acceptance(self):
         """The share of proposed draft tokens the target kept."""
         return self.stats["accepted"] / max(self.stats["proposed"], 1)
 
+    def inputs(self, greedy):
+        """The tensors one round reads, filled before each: the last two tokens (1, 2), the last one's column n
+        (0-d), the rows' padding (none), and the round's random draws (None for greedy): Exp(1) noise for the k
+        draft tokens and the k + 1 candidate last tokens (2k + 1, vocab), U(0, 1) for the k acceptance tests."""
+        d = self.device
+        return {"last2": torch.zeros(1, 2, dtype=torch.long, device=d), "n": torch.tensor(1, device=d),
+                "pad": torch.zeros(1, dtype=torch.long, device=d),
+                "noise": None if greedy else torch.ones(2 * self.k + 1, self.vocab_size, device=d),
+                "u": None if greedy else torch.zeros(self.k, device=d)}
+
+    def round(self, b, sampling):
+        """One round from the inputs b, with no host sync: returns (k + 2,) = the number a of drafts kept, then
+        the round's tokens d_1..d_a and the drawn one (the entries after them are filler)."""
+        k, noise = self.k, b["noise"]
+        n, pad = b["n"], b["pad"]
+        logits = self.draft.forward(b["last2"], n - 1, pad)  # (1, vocab) after the last token, at column n
+        q, d = [], []
+        for i in range(k):  # the draft's k proposals, each fed back in (the last one is not needed)
+            if i:
+                logits = self.draft.forward(d[-1][None], n + i, pad)
+            q.append(probs_of(logits, *sampling))  # (1, vocab)
+            d.append(draw(q[-1], None if noise is None else noise[i:i + 1]))  # (1,)
+        q, d = torch.cat(q), torch.cat(d)  # (k, vocab), (k,)
+        proposal = torch.cat([b["last2"][0, 1:], d])  # (k + 1,) the last token and the drafts
+        h = self.target.hidden(proposal[None], n, pad)  # (1, k + 1, C)
+        p = probs_of(self.target.head(h)[0], *sampling)  # (k + 1, vocab)
+        rows = torch.arange(k, device=d.device)
+        ratio = p[rows, d] / q[rows, d]  # q(d) > 0: d was drawn from q
+        u = torch.zeros(k, device=d.device) if b["u"] is None else b["u"]
+        a = (u < ratio).long().cumprod(0).sum()  # (0-d) the leading run of accepted drafts
+        rest = (p[:k] - q).clamp_min(0)  # (k, vocab) where p exceeds q: what a rejection at i draws from
+        rest = torch.where(rest.sum(-1, keepdim=True) > 0, rest, p[:k])  # p == q up to rounding: a fluke
+        final = draw(torch.cat([rest, p[k:]]), None if noise is None else noise[k:])  # (k + 1,) one per place
+        place = torch.arange(k + 1, device=d.device)
+        tokens = torch.where(place < a, torch.cat([d, d[:1]]), final.gather(0, a[None]))  # (k + 1,)
+        return torch.cat([a[None], tokens])  # (k + 2,)
+
+    def recorded(self, sampling, ctx):
+        """The CUDA graph of round() for these sampling settings and its tensors, recorded on first use (as
+        MultiStepEngine.recorded: warm-up on a side stream, the capture in its own autocast context)."""
+        if sampling not in self.graphs:
+            b = self.inputs(sampling[0] == 0)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s), ctx:  # warm up outside the graph (lazy init, autotuning)
+                for _ in range(2):
+                    self.round(b, sampling)
+            torch.cuda.current_stream().wait_stream(s)
+            torch.clear_autocast_cache()  # an enclosing autocast's cached copies must not be read by the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), ctx:
+                b["out"] = self.round(b, sampling)
+            torch.clear_autocast_cache()
+            self.graphs[sampling] = graph, b
+        return self.graphs[sampling]
+
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                  stop_token=None, on_token=None, ctx=None):
         """As Engine.generate, one prompt after another; on_token(step, tokens (1,)) is called for each token."""
-        return [self.generate_one(p, max_new_tokens, (temperature, top_k, top_p), generator, stop_token, on_token,
-                                  ctx) for p in prompts]
+        ctx = ctx or torch.autocast(self.device.type, enabled=False)
+        sampling = (temperature, top_k, top_p)
+        graph, b = self.recorded(sampling, ctx) if self.cuda_graph else (None, self.inputs(temperature == 0))
+        return [self.generate_one(p, max_new_tokens, sampling, generator, stop_token, on_token, ctx, graph, b)
+                for p in prompts]
 
-    def generate_one(self, prompt, max_new_tokens, sampling, generator, stop_token, on_token, ctx):
-        greedy = sampling[0] == 0
-        _, P, pad, logits, ctx = self.target.prefill([prompt], max_new_tokens, ctx)
-        self.draft.prefill([prompt], max_new_tokens, ctx)
-        seq = list(prompt) + draw(probs_of(logits, *sampling), generator, greedy)[0].tolist()  # (P + 1) tokens
+    def generate_one(self, prompt, max_new_tokens, sampling, generator, stop_token, on_token, ctx, graph, b):
+        _, P, _, logits, ctx = self.target.prefill([prompt], max_new_tokens, ctx)  # after recorded(): its warm-up
+        self.draft.prefill([prompt], max_new_tokens, ctx)  # writes cache columns
+        noise = None if b["noise"] is None else torch.empty_like(logits, dtype=torch.float).exponential_(
+            generator=generator)
+        seq = list(prompt) + draw(probs_of(logits, *sampling), noise).tolist()  # (P + 1) tokens
         if on_token is not None:
             on_token(0, torch.tensor(seq[-1:]))
-        drafted = P  # columns of the draft's cache that hold seq's tokens; the target's hold len(seq) - 1
         while len(seq) - P < max_new_tokens and not (stop_token is not None and stop_token in seq[P:]):
-            n = len(seq) - 1  # the column of the last token, which neither model has read yet
-            k = min(self.k, max_new_tokens - (len(seq) - P) - 1)  # no more than the tokens still wanted
-            tokens, q = [], []
-            with ctx:
-                x = torch.tensor([seq[drafted:]], device=self.device)  # (1, 1), or (1, 2) after a full accept
-                for i in range(k):  # the draft's k proposals, each fed back in (the last one is not needed)
-                    step_logits = self.draft.forward(x, torch.tensor(drafted if i == 0 else n + i, device=self.device),
-                                                     pad)
-                    q.append(probs_of(step_logits, *sampling)[0])  # (vocab,)
-                    x = draw(q[-1][None], generator, greedy)  # (1, 1)
-                    tokens.append(x[0])
-                proposal = torch.cat([torch.tensor(seq[-1:], device=self.device)] + tokens)  # (k + 1,)
-                h = self.target.hidden(proposal[None], torch.tensor(n, device=self.device), pad)  # (1, k + 1, C)
-                p = probs_of(self.target.head(h)[0], *sampling)  # (k + 1, vocab)
-            d = proposal[1:]  # (k,)
-            if k:
-                q = torch.stack(q)  # (k, vocab)
-                rows = torch.arange(k, device=self.device)
-                ratio = p[rows, d] / q[rows, d]  # q(d) > 0: d was drawn from q
-                u = torch.zeros(k, device=self.device) if greedy else torch.rand(k, device=self.device,
-                                                                                 generator=generator)
-                accepted = int((u < ratio).long().cumprod(0).sum())  # the leading run of accepted drafts
+            b["last2"].copy_(torch.tensor([seq[-2:]]))
+            b["n"].fill_(len(seq) - 1)  # the column of the last token, which neither model has read yet
+            if b["noise"] is not None:
+                b["noise"].exponential_(generator=generator)
+                b["u"].uniform_(generator=generator)
+            if graph is not None:
+                graph.replay()
+                out = b["out"]
             else:
-                accepted = 0
-            if accepted < k:  # the first rejection: draw from the part of p that q under-covers
-                rest = (p[accepted] - q[accepted]).clamp_min(0)
-                rest = rest if rest.sum() > 0 else p[accepted]  # p == q up to rounding: rejection was a fluke
-                last = draw(rest[None] / rest.sum(), generator, greedy)[0]
-            else:  # all kept: a bonus token from the target's next distribution
-                last = draw(p[k][None], generator, greedy)[0]
-            new = d[:accepted].tolist() + last.tolist()
+                with ctx:
+                    out = self.round(b, sampling)
+            accepted, *tokens = out.tolist()  # the round's one host sync
+            new = tokens[:accepted + 1]
             if on_token is not None:
                 for step, t in enumerate(new[:P + max_new_tokens - len(seq)], len(seq) - P):
                     on_token(step, torch.tensor([t]))
             seq += new
-            drafted = n + min(accepted, k - 1) + 1 if k else drafted  # the draft read seq[-1], d_1..d_k-1
             s = self.stats
-            s["proposed"], s["accepted"] = s["proposed"] + k, s["accepted"] + accepted
-            s["target_forwards"] += 1
+            s["proposed"], s["accepted"], s["target_forwards"] = (s["proposed"] + self.k, s["accepted"] + accepted,
+                                                                  s["target_forwards"] + 1)
         out = seq[P:P + max_new_tokens]
         self.stats["tokens"] += len(out)
         self.stats["target_forwards"] += 1  # the prefill, which gave the first token
