@@ -3,6 +3,7 @@
     python sample.py --out_dir=out-small --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out-small --start=FILE:prompt.txt --temperature=0
     python sample.py --out_dir=out --prompts=prompts.txt --max_new_tokens=64   # one prompt per line, batched
+    python sample.py --out_dir=out --draft=out-small --draft_tokens=4          # speculative decoding (a small draft)
 
 Reads out_dir/ckpt.pt (weights_only=True) and the tokenizer from out_dir/meta.json, which train.py copies there.
 Any checkpoint kind loads (sologpt/checkpoint.py): a full model, a LoRA run (its base is rebuilt and the adapters
