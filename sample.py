@@ -3,6 +3,7 @@
     python sample.py --out_dir=out-small --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out-small --start=FILE:prompt.txt --temperature=0
     python sample.py --out_dir=out --prompts=prompts.txt --max_new_tokens=64   # one prompt per line, batched
+    python sample.py --out_dir=out --draft=out-small --draft_tokens=4          # speculative decoding (a small draft)
 
 Reads out_dir/ckpt.pt (weights_only=True) and the tokenizer from out_dir/meta.json, which train.py copies there.
 Any checkpoint kind loads (sologpt/checkpoint.py): a full model, a LoRA run (its base is rebuilt and the adapters
@@ -18,6 +19,7 @@ end-of-turn token (sologpt/sft.py):
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from sologpt import chat, checkpoint, sft, tag, tokenizer as tok
 from sologpt.configurator import UserError, resolve_auto_bool, run_cli
 from sologpt.hardware import autocast_context, resolve_device
 from sologpt.inference import Engine, MultiStepEngine
+from sologpt.speculative import SpeculativeEngine, check_pair
 
 
 @dataclass
@@ -51,6 +54,9 @@ class SampleConfig:
     cuda_graph: bool | str = "auto"  # replay the decode steps as a CUDA graph; "auto": on CUDA
     decode_steps: int = 16  # tokens per decode call, picked on the device with no host sync (one CUDA graph
     # replay with cuda_graph); the stop token is checked every decode_steps tokens. 0: the one-step engine
+    draft: str = ""  # a smaller model with the same tokenizer (run folder or checkpoint file): speculative decoding,
+    # the draft proposes draft_tokens tokens and the model keeps those its own distribution allows (one row at a time)
+    draft_tokens: int = 4  # tokens the draft proposes per round (k)
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it (else float16), float32 elsewhere
 
@@ -64,6 +70,7 @@ def load_model(cfg, device):
         enc = tok.from_meta(meta)
     except ValueError as e:  # a tokenizer error is one too
         raise UserError(str(e))
+    enc.meta = meta
     enc.labels = meta.get("labels")  # class names of a classifier
     enc.tags = meta.get("tags")  # tag names of a tagger
     enc.chat = meta.get("chat_template")  # the chat template of a model fine-tuned on conversations
@@ -126,6 +133,9 @@ def sample(cfg):
     ctx = autocast_context(device_type, cfg.dtype)
 
     model, enc = load_model(cfg, cfg.device)
+    if cfg.draft and (model.config.n_classes > 0 or model.config.n_tags > 0
+                      or resolve_auto_bool("chat", cfg.chat, enc.chat is not None)):
+        raise UserError("draft: speculative decoding is for plain generation, not a classifier, tagger or chat")
     if model.config.n_classes > 0:
         return classify_lines(cfg, model, enc, ctx)
     if model.config.n_tags > 0:
@@ -137,6 +147,7 @@ def sample(cfg):
         return chat_mode(cfg, model, enc, ctx, device_type)
     if cfg.interactive:
         raise UserError("interactive=True is a chat mode: it needs a model fine-tuned with task='sft' (and chat on)")
+    draft = load_draft(cfg, model, enc) if cfg.draft else None
     prompts = read_prompts(cfg, enc)
     bs = model.config.block_size
     for i, (ids, skip) in enumerate(prompts):
@@ -152,20 +163,27 @@ def sample(cfg):
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     longest = max(len(ids) for ids, _ in prompts)
     engine = None
-    if longest + cfg.max_new_tokens <= bs:  # the batched engine; beyond block_size GPT.generate slides the window
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if device_type == "cuda" else None
-        rows, max_len = min(cfg.batch_size, len(prompts)), longest + cfg.max_new_tokens
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if device_type == "cuda" else None
+    rows, max_len = min(cfg.batch_size, len(prompts)), longest + cfg.max_new_tokens
+    if draft is not None:
+        try:
+            engine = SpeculativeEngine(model, draft, max_len, cfg.device, dtype, cfg.draft_tokens, cfg.cuda_graph)
+        except ValueError as e:  # prompt + max_new_tokens past a block_size, draft_tokens < 1
+            raise UserError(f"draft: {e}")
+    elif max_len <= bs:  # the batched engine; beyond block_size GPT.generate slides the window
         if cfg.decode_steps:
             engine = MultiStepEngine(model, rows, max_len, cfg.device, dtype, cfg.cuda_graph, cfg.decode_steps)
         else:
             engine = Engine(model, rows, max_len, cfg.device, dtype, cuda_graph=cfg.cuda_graph)
-    texts = []
+    texts, seconds = [], 0.0
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]
         printer = Streamer(enc, batch[0][0][batch[0][1]:], stop_token) if stream else None
         if engine is not None:
+            t0 = time.perf_counter()
             new = engine.generate([ids for ids, _ in batch], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                                   gen, stop_token, printer and printer.add, ctx)
+            seconds += time.perf_counter() - t0
         else:
             new = []
             for ids, _ in batch:
@@ -186,7 +204,24 @@ def sample(cfg):
             else:
                 printer.finish(text)
             print("-" * 40)
+    if draft is not None:
+        s = engine.stats
+        print(f"speculative decoding: {engine.acceptance():.1%} of {s['proposed']} draft tokens accepted "
+              f"(draft_tokens={cfg.draft_tokens}), {s['tokens'] / s['target_forwards']:.2f} tokens per forward of "
+              f"the model, {s['tokens'] / seconds:.1f} tokens/s", file=sys.stderr)
     return texts
+
+
+def load_draft(cfg, model, enc):
+    """The draft model of speculative decoding, checked against the model: same vocabulary and tokenizer."""
+    if cfg.draft_tokens < 1:
+        raise UserError(f"draft_tokens={cfg.draft_tokens} must be at least 1")
+    try:
+        draft, meta, _ = checkpoint.load_with_meta(cfg.draft, flag="--draft")
+        check_pair(model, draft, enc.meta, meta)
+    except ValueError as e:  # a missing file, no tokenizer, another vocabulary
+        raise UserError(str(e))
+    return draft.to(cfg.device).eval()
 
 
 class Streamer:

@@ -41,6 +41,17 @@ class Engine:
     def forward(self, idx, start, pad):
         """Run tokens idx (B, T) written at cache columns start..start+T (start: a 0-d tensor) for rows with pad (B,)
         empty columns; returns the logits of the last column (B, vocab)."""
+        return self.head(self.hidden(idx, start, pad)[:, -1])
+
+    def head(self, x):
+        """Final norm and output layer: hidden states (..., C) -> logits (..., vocab)."""
+        m = self.model
+        return m.lm_head(m.transformer.ln_f(x))[..., :m.config.vocab_size]
+
+    @torch.no_grad()
+    def hidden(self, idx, start, pad):
+        """As forward, but returns the last block's output at every column (B, T, C): the cache is written the same
+        way (sologpt/speculative.py scores all T columns)."""
         m, c = self.model, self.model.config
         B, T = idx.shape
         C = c.n_embd
@@ -65,8 +76,7 @@ class Engine:
             y = F.scaled_dot_product_attention(q, self.k[i].to(q.dtype), self.v[i].to(q.dtype), attn_mask=mask)
             x = x + a.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
             x = x + block.mlp(block.ln_2(x))
-        logits = m.lm_head(m.transformer.ln_f(x[:, -1]))  # (B, padded vocab): only the last column is needed
-        return logits[:, :c.vocab_size]
+        return x
 
     def _decode(self, token, col, pad):
         """One new token per row at column col: (B, 1) -> (B, vocab); replayed from a CUDA graph when enabled."""

@@ -433,3 +433,36 @@ def test_nf4_linear_on_cuda_eager_and_compiled_matches_the_cpu(gpu_flags, tmp_pa
     losses = [m["val_loss"] for m in metrics(out).values()]
     assert read_checkpoint(out / "ckpt.pt")["train_config"]["base_dtype"] == "nf4"
     assert all(v == v for v in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_speculative_greedy_equals_the_engine_on_cuda(dtype):
+    """Speculative decoding (sologpt/speculative.py) on CUDA, eager and as a CUDA graph per round: in float32 its
+    greedy tokens are exactly the eager engine's, with a draft that often disagrees and with a copy of the model
+    (every draft accepted), on the first call and on replays; sampled rows repeat with the same seed. Under bf16
+    autocast the k + 1-token forward rounds differently from a one-token step, so a near-tie may part the two:
+    there it must run, keep the rows' lengths and accept most of a copy's drafts."""
+    import copy
+    from conftest import perturbed_model
+    from sologpt.inference import Engine
+    from sologpt.speculative import SpeculativeEngine
+    model = perturbed_model(block_size=64, vocab_size=128).cuda()
+    other = perturbed_model(seed=5, n_layer=1, n_embd=16, block_size=64, vocab_size=128).cuda()
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is not None)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    eager = Engine(model, 2, 40, "cuda", dtype).generate(prompts, 30, temperature=0, ctx=ctx)
+    for draft in (other, copy.deepcopy(model)):
+        for k, graph in ((1, False), (4, False), (1, True), (4, True)):
+            spec = SpeculativeEngine(model, draft, 40, "cuda", dtype, draft_tokens=k, cuda_graph=graph)
+            for _ in range(2):  # the second call replays the graph the first recorded
+                got = spec.generate(prompts, 30, temperature=0, ctx=ctx)
+                if dtype is None:
+                    assert got == eager, (k, graph, draft is other)
+                else:
+                    assert [len(row) for row in got] == [30, 30]
+                    assert draft is other or spec.acceptance() > 0.8
+    for graph in (False, True):
+        sampled = SpeculativeEngine(model, other, 40, "cuda", dtype, draft_tokens=4, cuda_graph=graph)
+        rows = [sampled.generate(prompts, 30, temperature=0.8, top_k=20, ctx=ctx,
+                                 generator=torch.Generator(device="cuda").manual_seed(0)) for _ in range(2)]
+        assert rows[0] == rows[1] and all(len(row) == 30 for row in rows[0])  # same seed, same text
