@@ -222,6 +222,10 @@ def main():
     args = p.parse_args()
     if args.one:
         return run_one(*args.one, args)
+    one_process = [m for m in args.modes if m in ("full_bwd", "full_galore")]
+    if args.nproc and one_process:  # as train.py refuses them under torchrun (sologpt/galore.py)
+        sys.exit(f"error: --modes {' '.join(one_process)} run in one process (updates in backward, whole matrices "
+                 f"for GaLore): drop --nproc for them")
     import torch
     if not torch.cuda.is_available():
         sys.exit("error: python -m bench.memory measures CUDA memory: this torch sees no CUDA GPU")

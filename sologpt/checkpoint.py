@@ -42,7 +42,7 @@ FORMAT_VERSION = 1  # bump when the layout changes
 # they are stored
 RESUME_FIXED = ("task", "cls_pool", "sft_loss", "freeze_layers", "freeze_embeddings", "lora_rank", "lora_alpha",
                 "lora_targets", "optim_state", "base_dtype", "qat", "qat_group_size", "fp8", "fp8_head", "optimizer",
-                "galore_rank", "weights_dtype")
+                "galore_rank", "weights_dtype", "update_in_backward")
 ARCH_FIELDS = ("rope", "norm", "qk_norm", "mlp_act", "tie_embeddings")  # model.py's architecture options
 SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", *ARCH_FIELDS)
 # GPTConfig fields left out of a checkpoint while at their defaults, so a plain model's checkpoint stays readable by

@@ -30,8 +30,10 @@ that round-to-nearest would lose (below half a bf16 step, 0.4% of the weight) is
 function of (step, parameter index), so a resumed run rounds alike without saving any random state.
 
 Updates in backward (update_in_backward = True; UpdateInBackward): each parameter gets a hook that runs its own
-update as soon as its gradient of the step's last micro-batch is accumulated, then drops the gradient, so the full
-set of gradients never exists at once (the peak holds about one layer's). Earlier micro-batches only accumulate.
+update as soon as its gradient of the step's last micro-batch is accumulated, then drops the gradient, so with one
+micro-batch per step the full set of gradients never exists at once (the peak holds about one layer's). Earlier
+micro-batches only accumulate, so with gradient_accumulation_steps > 1 every gradient is kept from the first
+micro-batch to the last one's backward, and the saving is gone (a note says so at setup).
 The update is the one step() would make from the same gradient: tested bit for bit on the CPU.
 """
 
@@ -89,6 +91,10 @@ def check(cfg):
                          "once, which is what update_in_backward avoids: set compile=False")
     if cfg.compile == "auto":  # the default: off here, for the reason above
         cfg.compile = False
+    if cfg.gradient_accumulation_steps > 1:
+        print(f"note: update_in_backward with gradient_accumulation_steps={cfg.gradient_accumulation_steps} keeps "
+              f"every gradient from the first micro-batch to the last, so it saves no gradient memory; one larger "
+              f"micro-batch per step does")
 
 
 def describe(cfg):
@@ -104,14 +110,20 @@ def projection(grad, rank):
     """The first `rank` singular vectors of grad (m, n) on its shorter side: right ones (n, rank) when m >= n,
     left ones (m, rank) otherwise; float32. They are the top eigenvectors of the smaller Gram matrix (G^T G or
     G G^T, min(m, n) square): one symmetric eigendecomposition instead of an SVD of G, several times faster on a
-    GPU; squaring the singular values costs precision only in the small ones, which are not kept."""
+    GPU; squaring the singular values costs precision only in the small ones, which are not kept. None for a
+    gradient that is not finite or whose decompositions fail."""
     g = grad.float()
     right = g.shape[0] >= g.shape[1]
     gram = g.mT @ g if right else g @ g.mT  # (k, k), k = min(m, n)
+    if not torch.isfinite(gram).all():  # a NaN or inf gradient has no subspace: None keeps the last projection, and
+        return None  # the non-finite update reaches the loss, where the spike guard (if on) rolls the step back
     try:
         _, vectors = torch.linalg.eigh(gram)  # eigenvalues in ascending order
     except torch.linalg.LinAlgError:  # did not converge (rare): the SVD of the gradient itself
-        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        try:
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        except torch.linalg.LinAlgError:
+            return None
         return (vh[:rank].mT if right else u[:, :rank]).contiguous()
     return vectors[:, -rank:].flip(1).contiguous()  # the largest first
 
@@ -176,7 +188,9 @@ class GaLoreAdamW(LeanAdamW):
         if rank:
             grad = param.grad.float()
             if (state["step"] - 1) % group["gap"] == 0:  # a new subspace every gap steps, from this gradient
-                state["projection"] = projection(grad, rank).to(state["projection"].dtype)
+                new = projection(grad, rank)
+                if new is not None:
+                    state["projection"] = new.to(state["projection"].dtype)
             self._adamw(param, project(grad, state["projection"]), state, group, seed, state["projection"])
             return
         rows = chunk_rows(param, group["block_size"])

@@ -95,8 +95,10 @@ def estimate(model, cfg):
     else:
         layers = c.n_layer * per_layer
     grads = trainable
-    if getattr(cfg, "update_in_backward", False):  # gradients freed as they are used: about one block's at a time,
-        # and the largest tensor (a tied embedding's gradient waits from the output layer to the input lookup)
+    if getattr(cfg, "update_in_backward", False) and getattr(cfg, "gradient_accumulation_steps", 1) == 1:
+        # gradients freed as they are used: about one block's at a time, and the largest tensor (a tied embedding's
+        # gradient waits from the output layer to the input lookup). With accumulation every gradient is kept from
+        # the first micro-batch to the last one's backward: all of them
         grads = max((p.numel() for p in model.parameters() if p.requires_grad), default=0) + \
             sum(p.numel() for p in model.transformer.h[0].parameters() if p.requires_grad)
     out = {"weights": weights, "gradients": weight_bytes * grads, "optimizer": optimizer_bytes(model, cfg),

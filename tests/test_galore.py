@@ -281,3 +281,53 @@ def test_bench_memory_modes_are_valid_configs(mode):
     opt = train_mod.make_optimizer(model, cfg, "cpu")
     assert isinstance(opt, UpdateInBackward) and cfg.grad_clip == 0 and cfg.weights_dtype == "bf16"
     assert any(g["rank"] == 8 for g in opt.param_groups) == (mode == "full_galore")
+
+
+def test_a_non_finite_gradient_on_a_refresh_step_reaches_the_spike_guard(tiny_flags, tmp_path, monkeypatch, capsys):
+    """A NaN gradient has no subspace: projection() says None (instead of a decomposition error inside backward),
+    the last projection stays, and the NaN reaches the loss, where the spike guard rolls the step back. A width of
+    16 is where the CPU's eigh and SVD raise on a NaN matrix rather than return NaN vectors."""
+    assert projection(torch.full((8, 4), float("nan")), 2) is None
+    assert projection(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), 1) is None
+    from test_guard import poison
+    poison(monkeypatch, steps={9}, factor=float("nan"))  # step 10: (10 - 1) % 3 == 0, a projection refresh
+    flags = [f for f in tiny_flags if not f.startswith("--n_embd")] + ["--n_embd=16"]
+    run_train(flags + NO_CLIP + ["--max_iters=12", "--spike_guard=True", "--optimizer=galore", "--galore_rank=4",
+                                 "--galore_gap=3", "--update_in_backward=True"])
+    assert "rolled back" in capsys.readouterr().out
+
+
+def test_accumulation_keeps_the_gradients_and_the_estimate_says_so(tiny_flags, capsys):
+    """With gradient_accumulation_steps > 1 every gradient lives from the first micro-batch to the last one's
+    backward: the estimate counts all of them, and a note says the saving is gone."""
+    from sologpt.configurator import load_config
+    from sologpt.memory import estimate
+    model = make_model(n_layer=4, n_embd=32)
+    one = load_config(train_mod.TrainConfig, tiny_flags + NO_CLIP + ["--update_in_backward=True"])
+    two = load_config(train_mod.TrainConfig, tiny_flags + NO_CLIP + ["--update_in_backward=True",
+                                                                     "--gradient_accumulation_steps=2"])
+    plain = load_config(train_mod.TrainConfig, tiny_flags)
+    galore.check(two)
+    assert "saves no gradient memory" in capsys.readouterr().out
+    grads = {name: estimate(model, c)[0]["gradients"] for name, c in (("one", one), ("two", two), ("plain", plain))}
+    assert grads["one"] < grads["two"] == grads["plain"]
+
+
+def test_resuming_with_update_in_backward_toggled_names_the_switch(tiny_flags, tmp_path, capsys):
+    """A run trained with step() after backward (torch AdamW's state) resumed with update_in_backward: one line
+    that names update_in_backward, not an unrelated galore_rank."""
+    run_train(tiny_flags + NO_CLIP + ["--max_iters=4"])
+    err = error_of(train_mod.main, tiny_flags + NO_CLIP + ["--max_iters=6", "--init_from=resume",
+                                                          "--update_in_backward=True"], capsys)
+    assert "update_in_backward=False" in err and "galore_rank" not in err
+
+
+def test_bench_memory_refuses_the_one_process_modes_with_nproc():
+    import subprocess
+    import sys
+    from conftest import REPO
+    res = subprocess.run([sys.executable, "-m", "bench.memory", "--nproc", "2", "--modes", "full", "full_galore"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        "error: --modes full_galore run in one process (updates in backward, whole matrices for GaLore): drop "
+        "--nproc for them"]
