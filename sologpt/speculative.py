@@ -173,15 +173,15 @@ class SpeculativeEngine:
                 with ctx:
                     out = self.round(b, sampling)
             accepted, *tokens = out.tolist()  # the round's one host sync
-            new = tokens[:accepted + 1]
+            new, room = tokens[:accepted + 1], P + max_new_tokens - len(seq)
             if on_token is not None:
-                for step, t in enumerate(new[:P + max_new_tokens - len(seq)], len(seq) - P):
+                for step, t in enumerate(new[:room], len(seq) - P):
                     on_token(step, torch.tensor([t]))
             seq += new
-            s = self.stats
-            s["proposed"], s["accepted"], s["target_forwards"] = (s["proposed"] + self.k, s["accepted"] + accepted,
-                                                                  s["target_forwards"] + 1)
-        out = seq[P:P + max_new_tokens]
-        self.stats["tokens"] += len(out)
+            s = self.stats  # drafts past max_new_tokens count neither as proposed nor as accepted
+            s["proposed"], s["accepted"] = s["proposed"] + min(self.k, room), s["accepted"] + min(accepted, room)
+            s["target_forwards"] += 1
+        out = cut([seq[P:P + max_new_tokens]], stop_token)[0]
+        self.stats["tokens"] += len(out)  # the tokens returned (none after a stop token)
         self.stats["target_forwards"] += 1  # the prefill, which gave the first token
-        return cut([out], stop_token)[0]
+        return out

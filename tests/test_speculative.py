@@ -39,6 +39,20 @@ def test_greedy_tokens_equal_the_model_greedy_tokens(k):
     assert seen == list(enumerate(want[0]))
 
 
+
+def test_stats_count_only_the_tokens_kept():
+    """Drafts past max_new_tokens and tokens after a stop token are neither accepted nor returned: a copy of the
+    model as draft, k = 8 and 3 new tokens is one prefill token and one round with room for 2 drafts."""
+    model = perturbed_model()
+    same = SpeculativeEngine(model, copy.deepcopy(model), 11 + 24, "cpu", draft_tokens=8)
+    out = same.generate(PROMPTS[:1], 3, temperature=0)
+    assert len(out[0]) == 3 and same.stats == {"proposed": 2, "accepted": 2, "target_forwards": 2, "tokens": 3}
+    want = Engine(model, 1, 11 + 24, "cpu").generate(PROMPTS[:1], 24, temperature=0)[0]
+    stop = want[1]
+    same = SpeculativeEngine(model, copy.deepcopy(model), 11 + 24, "cpu", draft_tokens=8)
+    out = same.generate(PROMPTS[:1], 24, temperature=0, stop_token=stop)
+    assert same.stats["tokens"] == len(out[0]) <= 2
+
 def peaked(seed, **kw):
     """A tiny model over 12 tokens whose next-token distributions are far from uniform."""
     model = perturbed_model(seed=seed, vocab_size=12, **kw)
