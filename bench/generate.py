@@ -96,6 +96,8 @@ def main():
     c, V = model.config, model.config.vocab_size
     if args.prompt + args.new > c.block_size:
         sys.exit(f"error: --prompt {args.prompt} + --new {args.new} exceed the model's block_size={c.block_size}")
+    if args.draft and 1 not in args.batch_sizes:
+        sys.exit("error: --draft measures speculative decoding at batch 1: add 1 to --batch_sizes")
     draft = make_draft(args.draft, model, meta) if args.draft else None
     text_ids = encode_text(args.text, meta) if args.text else None
     bf16 = dev == "cuda"
@@ -196,6 +198,9 @@ def make_draft(spec, model, meta):
     """The draft model: a checkpoint, or random weights of shape LxE with the model's vocabulary."""
     if "x" in spec and all(part.isdigit() for part in spec.split("x", 1)):
         n_layer, n_embd = (int(part) for part in spec.split("x", 1))
+        if n_layer < 1 or n_embd < 1 or (n_embd >= 64 and n_embd % 64):
+            sys.exit(f"error: --draft {spec}: give layers x width with a width below 64 or a multiple of 64 "
+                     f"(heads of 64), e.g. 2x256")
         draft = GPT(GPTConfig(n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd,
                               block_size=model.config.block_size, vocab_size=model.config.vocab_size)).eval()
         draft_meta = meta

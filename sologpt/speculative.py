@@ -74,7 +74,8 @@ class SpeculativeEngine:
         for m, name in ((model, "model"), (draft, "draft model")):
             if max_len > m.config.block_size:
                 raise ValueError(f"prompt + new tokens ({max_len}) exceed the {name}'s block_size="
-                                 f"{m.config.block_size}")
+                                 f"{m.config.block_size} (speculative decoding does not slide the window): lower "
+                                 f"max_new_tokens or shorten the prompt")
         self.k, self.device, self.vocab_size = draft_tokens, torch.device(device), model.config.vocab_size
         self.target = Engine(model, 1, max_len, device, dtype)
         self.draft = Engine(draft, 1, max_len, device, dtype)

@@ -135,7 +135,7 @@ def test_sample_refuses_a_draft_of_another_vocabulary(trained, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: the draft model's vocab_size=50257 differs"), res.stderr
     with pytest.raises(Exception, match="draft_tokens=0 must be at least 1"):
         sample([f"--out_dir={trained}", f"--draft={trained}", "--draft_tokens=0"])
-    with pytest.raises(Exception, match="exceed the model's block_size=32"):
+    with pytest.raises(Exception, match="exceed the model's block_size=32.*lower max_new_tokens"):
         sample([f"--out_dir={trained}", f"--draft={trained}", "--max_new_tokens=40"])
 
 
@@ -147,6 +147,9 @@ def test_bench_measures_speculation_beside_the_engines(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "speculative, k=2" in res.stdout and "accepted" in res.stdout
     assert "check: all greedy tokens equal" in res.stdout
-    res = subprocess.run(cmd + ["--draft", str(tmp_path / "nothing")], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 1 and res.stderr.startswith("error: ") and len(res.stderr.splitlines()) == 1, res.stderr
+    for bad, says in ((["--draft", str(tmp_path / "nothing")], "nothing"), (["--draft", "3x200"], "e.g. 2x256"),
+                      (["--draft", "1x32", "--batch_sizes", "8"], "add 1 to --batch_sizes")):
+        res = subprocess.run(cmd + bad, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 1 and res.stderr.startswith("error: ") and len(res.stderr.splitlines()) == 1, \
+            res.stderr
+        assert says in res.stderr
