@@ -42,7 +42,7 @@ import os
 
 import torch
 
-from sologpt.lean_optim import MIN_COMPACT_NUMEL, LeanAdamW, quantize_blockwise, to_bf16_stochastic
+from sologpt.lean_optim import MIN_COMPACT_NUMEL, LeanAdamW, adam_moments, quantize_blockwise, to_bf16_stochastic
 
 WEIGHTS_DTYPES = ("fp32", "bf16")
 # an unprojected tensor above this many values (a GPT-2 sized embedding: 38M, 6.7B's: 206M) is updated a few rows
@@ -215,12 +215,7 @@ class GaLoreAdamW(LeanAdamW):
         # torch.optim.AdamW's single-tensor update, op for op (as LeanAdamW), on the weight in float32
         weight = param if param.dtype == torch.float32 else param.float()
         weight.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay (Loshchilov & Hutter 2019)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = float(state["step"])
-        step_size = lr / (1 - beta1 ** step)
-        bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        step_size, denom = adam_moments(exp_avg, exp_avg_sq, grad, state["step"], lr, beta1, beta2, eps)
         if proj is not None:
             weight.sub_(project_back(exp_avg / denom, proj, param.shape), alpha=step_size * group["scale"])
         else:

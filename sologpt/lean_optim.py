@@ -75,6 +75,16 @@ def to_bf16_stochastic(x, generator):
     return (x.view(torch.int32) + noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
 
 
+def adam_moments(exp_avg, exp_avg_sq, grad, step, lr, beta1, beta2, eps):
+    """AdamW's moments updated in place with grad (float32), and (step_size, denom) of step number `step`: the update
+    is -step_size * exp_avg / denom, op for op torch.optim.AdamW's single-tensor math."""
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step = float(step)
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    return lr / (1 - beta1 ** step), (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+
+
 def state_bytes(optimizer):
     """Bytes held in tensors of optimizer.state (moments, codes, scales, step counters); any torch optimizer."""
     return sum(v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
@@ -125,12 +135,7 @@ class LeanAdamW(torch.optim.Optimizer):
                 exp_avg, exp_avg_sq = self._read_moments(state, param.shape)  # float32
                 # from here to addcdiv_: torch.optim.AdamW's single-tensor update, op for op
                 param.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay (Loshchilov & Hutter 2019)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step = float(state["step"])
-                step_size = lr / (1 - beta1 ** step)
-                bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                step_size, denom = adam_moments(exp_avg, exp_avg_sq, grad, state["step"], lr, beta1, beta2, eps)
                 param.addcdiv_(exp_avg, denom, value=-step_size)
                 self._write_moments(state, exp_avg, exp_avg_sq, seed=state["step"] * 1_000_003 + index)
         return loss
