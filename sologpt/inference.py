@@ -17,6 +17,8 @@ steps, sampling included, run with no host sync and are replayed as one CUDA gra
 token once per K tokens and drops what was decoded past the end.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -84,19 +86,8 @@ class Engine:
             return self.forward(token, col, pad)
         if self.graph is None:
             self.static = {"token": token.clone(), "col": col.clone(), "pad": pad.clone()}
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):  # warm up outside the graph (lazy init, autotuning)
-                for _ in range(2):
-                    self.forward(self.static["token"], self.static["col"], self.static["pad"])
-            torch.cuda.current_stream().wait_stream(s)
-            # autocast caches the weights' bf16 copies made in the warm-up and frees them when its context ends: the
-            # graph must make its own (in its memory pool), not read those
-            torch.clear_autocast_cache()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static["logits"] = self.forward(self.static["token"], self.static["col"], self.static["pad"])
-            torch.clear_autocast_cache()  # an enclosing autocast keeps the copies made in the capture, not yet written
+            self.graph, self.static["logits"] = record(
+                lambda: self.forward(self.static["token"], self.static["col"], self.static["pad"]))
         self.static["token"].copy_(token)
         self.static["col"].copy_(col)
         self.static["pad"].copy_(pad)
@@ -142,6 +133,27 @@ class Engine:
                     logits = self._decode(token, col, pad)
                 col += 1
         return cut(torch.stack(out, dim=1).tolist(), stop_token)  # (B, new)
+
+
+def record(fn, ctx=None):
+    """fn() as a CUDA graph: (graph, the tensors fn returned, which each replay rewrites). Warmed up twice on a side
+    stream first (lazy init, autotuning), then captured, both in ctx (an autocast context) if given. Autocast caches
+    the weights' bf16 copies made in the warm-up and frees them when its context ends, so the cache is cleared before
+    the capture (the graph makes its own, in its memory pool) and after it (an enclosing autocast must not keep the
+    capture's copies, which are not written until a replay)."""
+    ctx = ctx or contextlib.nullcontext()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), ctx:
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.clear_autocast_cache()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), ctx:
+        out = fn()
+    torch.clear_autocast_cache()
+    return graph, out
 
 
 def cut(tokens, stop_token):
@@ -206,17 +218,7 @@ class MultiStepEngine(Engine):
                       "pad": torch.zeros(self.B, dtype=torch.long, device=self.device),
                       "noise": None if sampling[0] == 0 else torch.ones(self.steps, self.B, V, device=self.device)}
             args = (static["token"], static["col"], static["pad"], static["noise"], sampling)
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s), ctx:  # warm up outside the graph (lazy init, autotuning)
-                for _ in range(2):
-                    self.run_steps(*args)
-            torch.cuda.current_stream().wait_stream(s)
-            torch.clear_autocast_cache()  # an enclosing autocast's cached copies must not be read by the graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), ctx:
-                static["tokens"] = self.run_steps(*args)  # (B, steps)
-            torch.clear_autocast_cache()  # an enclosing autocast keeps the copies made in the capture, not yet written
+            graph, static["tokens"] = record(lambda: self.run_steps(*args), ctx)  # tokens: (B, steps)
             self.graphs[sampling] = graph, static
         return self.graphs[sampling]
 

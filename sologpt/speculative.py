@@ -27,7 +27,7 @@ cache's last column (as in MultiStepEngine) and their tokens are dropped. Rows a
 import torch
 
 from model import filter_logits
-from sologpt.inference import Engine, cut
+from sologpt.inference import Engine, cut, record
 
 
 def tokenizer_of(meta):
@@ -129,17 +129,7 @@ class SpeculativeEngine:
         MultiStepEngine.recorded: warm-up on a side stream, the capture in its own autocast context)."""
         if sampling not in self.graphs:
             b = self.inputs(sampling[0] == 0)
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s), ctx:  # warm up outside the graph (lazy init, autotuning)
-                for _ in range(2):
-                    self.round(b, sampling)
-            torch.cuda.current_stream().wait_stream(s)
-            torch.clear_autocast_cache()  # an enclosing autocast's cached copies must not be read by the graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), ctx:
-                b["out"] = self.round(b, sampling)
-            torch.clear_autocast_cache()
+            graph, b["out"] = record(lambda: self.round(b, sampling), ctx)
             self.graphs[sampling] = graph, b
         return self.graphs[sampling]
 
